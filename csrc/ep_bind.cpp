@@ -1,0 +1,5 @@
+#include <pybind11/pybind11.h>
+namespace py = pybind11;
+namespace dsmoe {
+void register_ep(py::module_& m) { (void)m; }
+}  // namespace dsmoe

@@ -1,0 +1,1 @@
+"""Benchmarks (run on a GPU): `dsmoe bench SUITE` or `python bench/run.py SUITE`."""
