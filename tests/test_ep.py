@@ -1,0 +1,233 @@
+"""Expert-parallel dispatch/combine: CPU tier on gloo with 2 and 4 processes (exact payload checks,
+identity-expert round trip, gradients vs a single-process reference, timeouts), config validation."""
+import datetime
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dsmoe.parallel import EPBuffer, EPConfig, EPTimeoutError, get_dispatch_layout
+
+H = 24
+TOKENS = {2: [13, 7], 4: [9, 0, 17, 5]}  # odd sizes and an empty rank
+TOP_K = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_inputs(rank, world, E, dtype=torch.float64):
+    """Every rank can rebuild every other rank's inputs: seeded by the rank."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    T = TOKENS[world][rank]
+    x = torch.randn(T, H, generator=g, dtype=dtype)
+    x[:, 0] = rank  # payload encodes its origin
+    x[:, 1] = torch.arange(T, dtype=dtype)
+    idx = torch.stack([torch.randperm(E, generator=g)[:TOP_K] for _ in range(T)]) if T else torch.empty(0, TOP_K, dtype=torch.long)
+    if T:
+        idx[torch.rand(T, TOP_K, generator=g) < 0.15] = -1
+    w = torch.rand(T, TOP_K, generator=g, dtype=dtype)
+    return x, idx.to(torch.int32), w
+
+
+def _expert_scale(E):
+    return torch.linspace(0.5, 2.0, E, dtype=torch.float64)
+
+
+def _init(rank, world, port, timeout_s=20):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _worker_dispatch(rank, world, port, E):
+    _init(rank, world, port)
+    try:
+        L = E // world
+        buf = EPBuffer(None, E, H)
+        x, idx, w = _rank_inputs(rank, world, E)
+        # --- layout
+        ntr, nte, in_rank = buf.get_dispatch_layout(idx)
+        for r in range(world):
+            exp_in = ((idx >= r * L) & (idx < (r + 1) * L)).any(1)
+            assert torch.equal(in_rank[:, r], exp_in)
+            assert int(ntr[r]) == int(exp_in.sum())
+        assert torch.equal(nte, torch.bincount(idx[idx >= 0].long(), minlength=E).to(torch.int32))
+        # --- dispatch, exact expected rows built from every rank's inputs
+        xr = x.clone().requires_grad_(True)
+        wr = w.clone().requires_grad_(True)
+        recv_x, recv_idx, recv_w, cnt, handle = buf.dispatch(xr, idx, wr)
+        ex_x, ex_idx, ex_w = [], [], []
+        for s in range(world):
+            xs, is_, ws = _rank_inputs(s, world, E)
+            for t in range(xs.shape[0]):
+                on = (is_[t] >= rank * L) & (is_[t] < (rank + 1) * L)
+                if on.any():
+                    ex_x.append(xs[t])
+                    ex_idx.append(torch.where(on, is_[t] - rank * L, torch.full_like(is_[t], -1)))
+                    ex_w.append(torch.where(on, ws[t], torch.zeros_like(ws[t])).float())
+        R = len(ex_x)
+        assert recv_x.shape == (R, H)
+        if R:
+            assert torch.equal(recv_x.detach(), torch.stack(ex_x))
+            assert torch.equal(recv_idx, torch.stack(ex_idx).to(torch.int32))
+            assert torch.equal(recv_w.detach(), torch.stack(ex_w))
+            # origin columns: source rank ascending, then token index ascending
+            key = recv_x[:, 0].detach() * 10000 + recv_x[:, 1].detach()
+            assert torch.equal(key, key.sort().values)
+        assert torch.equal(cnt, torch.bincount(recv_idx[recv_idx >= 0].long(), minlength=L).to(torch.int32))
+        # --- experts: scale by a per-expert constant, weighted sum over local slots
+        c = _expert_scale(E)[rank * L:(rank + 1) * L]
+        li = recv_idx.long()
+        scale = torch.where(li >= 0, c[li.clamp(min=0)], torch.zeros((), dtype=torch.float64))
+        coef = (recv_w.double() * scale).sum(1, keepdim=True)
+        y = coef * recv_x
+        out = buf.combine(y, handle)
+        # reference for this rank's tokens
+        cE = _expert_scale(E)
+        valid = idx >= 0
+        s_ref = torch.where(valid, cE[idx.long().clamp(min=0)], torch.zeros((), dtype=torch.float64))
+        xr2 = x.clone().requires_grad_(True)
+        wr2 = w.clone().requires_grad_(True)
+        ref_out = (wr2.float().double() * s_ref).sum(1, keepdim=True) * xr2
+        torch.testing.assert_close(out, ref_out.detach(), rtol=1e-6, atol=1e-9)
+        # identity experts, unit scale: combine(dispatch(x)) == sum_k w_k x
+        ident = buf.combine((recv_w.double().sum(1, keepdim=True) * recv_x).detach(), handle)
+        torch.testing.assert_close(ident, (w.float().double() * valid).sum(1, keepdim=True) * x, rtol=1e-6, atol=1e-9)
+        # --- gradients vs the single-process reference
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7 + rank), dtype=torch.float64)
+        (out * g).sum().backward()
+        (ref_out * g).sum().backward()
+        torch.testing.assert_close(xr.grad, xr2.grad, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(wr.grad, wr2.grad, rtol=1e-5, atol=1e-6)
+        # --- FP8 form moves bytes unchanged
+        if H % 128 == 0:  # pragma: no cover - H is 24 here; FP8 path checked in its own worker
+            pass
+        # --- determinism: a rerun gives the same bytes
+        r2 = buf.dispatch(x, idx, w)
+        assert torch.equal(r2[0], recv_x.detach()) and torch.equal(r2[2], recv_w.detach())
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker_fp8(rank, world, port):
+    _init(rank, world, port)
+    try:
+        E, Hf = 8, 256
+        buf = EPBuffer(None, E, Hf)
+        g = torch.Generator().manual_seed(rank)
+        T = 6 + rank
+        q = (torch.randn(T, Hf, generator=g) * 50).to(torch.float8_e4m3fn)
+        s = torch.rand(T, 2, generator=g)
+        idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)]).to(torch.int32)
+        w = torch.rand(T, 2, generator=g)
+        (rq, rs), ridx, rw, cnt, h = buf.dispatch((q, s), idx, w)
+        assert rq.dtype == torch.float8_e4m3fn and rs.shape == (rq.shape[0], 2)
+        # gather expected from all ranks
+        exp_q, exp_s = [], []
+        for src in range(world):
+            gg = torch.Generator().manual_seed(src)
+            Ts = 6 + src
+            qs = (torch.randn(Ts, Hf, generator=gg) * 50).to(torch.float8_e4m3fn)
+            ss = torch.rand(Ts, 2, generator=gg)
+            ids = torch.stack([torch.randperm(E, generator=gg)[:2] for _ in range(Ts)])
+            for t in range(Ts):
+                if ((ids[t] // (E // world)) == rank).any():
+                    exp_q.append(qs[t])
+                    exp_s.append(ss[t])
+        assert torch.equal(rq.view(torch.uint8), torch.stack(exp_q).view(torch.uint8))
+        assert torch.equal(rs, torch.stack(exp_s))
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker_peer_missing(rank, world, port, timeout_s):
+    _init(rank, world, port, timeout_s)
+    E = 4
+    buf = EPBuffer(None, E, H, timeout=timeout_s)
+    x, idx, w = _rank_inputs(rank, 2, E)
+    if rank == 1:
+        time.sleep(timeout_s + 6)  # never calls dispatch
+        return
+    t0 = time.time()
+    try:
+        buf.dispatch(x, idx, w)
+    except EPTimeoutError as e:
+        el = time.time() - t0
+        assert el < timeout_s + 10, f"took {el:.1f}s"
+        assert "dispatch" in str(e)
+        return
+    raise AssertionError("dispatch returned although the peer never called it")
+
+
+def _worker_never_joins(rank, world, port, timeout_s, out):
+    t0 = time.time()
+    try:
+        _init(rank, world, port, timeout_s)
+    except Exception as e:  # noqa: BLE001 - torch raises DistStoreError / RuntimeError
+        with open(out, "w") as f:
+            f.write(f"{time.time() - t0:.2f} {type(e).__name__}")
+        return
+    with open(out, "w") as f:
+        f.write("joined")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world,E", [(2, 6), (4, 8)])
+def test_dispatch_combine(world, E):
+    mp.spawn(_worker_dispatch, args=(world, _free_port(), E), nprocs=world, join=True)
+
+
+@pytest.mark.dist
+def test_dispatch_fp8_bytes():
+    mp.spawn(_worker_fp8, args=(2, _free_port()), nprocs=2, join=True)
+
+
+@pytest.mark.dist
+def test_peer_never_calls_times_out():
+    t0 = time.time()
+    mp.spawn(_worker_peer_missing, args=(2, _free_port(), 5), nprocs=2, join=True)
+    assert time.time() - t0 < 60
+
+
+@pytest.mark.dist
+def test_peer_never_joins_times_out():
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "r")
+        t0 = time.time()
+        # world size 2, only rank 0 starts
+        mp.spawn(_worker_never_joins, args=(2, _free_port(), 4, out), nprocs=1, join=True)
+        assert time.time() - t0 < 45
+        res = open(out).read()
+    assert res != "joined"
+    assert float(res.split()[0]) < 30
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="num_experts.*split evenly"):
+        EPConfig(world_size=3, num_experts=8, hidden=16)
+    with pytest.raises(ValueError, match="backend"):
+        EPConfig(world_size=2, num_experts=8, hidden=16, backend="ib")
+    with pytest.raises(ValueError, match="max_tokens_per_rank"):
+        EPConfig(world_size=2, num_experts=8, hidden=16, backend="nvlink")
+    with pytest.raises(ValueError, match="hidden"):
+        EPConfig(world_size=2, num_experts=8, hidden=12, backend="nvlink", max_tokens_per_rank=64)
+    cfg = EPConfig(world_size=4, num_experts=256, hidden=7168, backend="nvlink", max_tokens_per_rank=128)
+    assert cfg.num_local_experts == 64
+    assert cfg.nvlink_recv_bytes(2, 8) == 4 * 128 * (7168 * 2 + 64)
+
+
+def test_layout_single_process():
+    idx = torch.tensor([[0, 5, -1], [2, 3, 1], [-1, -1, -1], [7, 6, 4]], dtype=torch.int32)
+    ntr, nte, in_rank = get_dispatch_layout(idx, 8, 4)
+    assert in_rank.tolist() == [[True, False, True, False], [True, True, False, False], [False] * 4,
+                                [False, False, True, True]]
+    assert ntr.tolist() == [2, 1, 2, 1]
+    assert nte.tolist() == [1, 1, 1, 1, 1, 1, 1, 1]
