@@ -1,0 +1,128 @@
+"""GPU tier of the MoE kernels: routing, layout, permute (+FP8), unpermute vs the references; CUDA graph
+capture with max_rows; torch.compile; bitwise reruns."""
+import pytest
+import torch
+
+import dsmoe.ops as ops
+import dsmoe.ref as ref
+from util import digest
+
+pytestmark = pytest.mark.gpu
+
+
+def _separated_logits(T, E, device="cuda"):
+    # distinct, well-separated scores so that sigmoid's last-ulp differences cannot reorder experts
+    base = torch.stack([torch.randperm(E) for _ in range(T)]).float()
+    return ((base - E / 2) * (6.0 / E)).to(device)
+
+
+@pytest.mark.parametrize("E,n_group,topk_group,top_k", [(256, 8, 4, 8), (64, 8, 3, 6), (160, 1, 1, 6), (512, 16, 4, 8), (40, 4, 2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_route_matches_reference(E, n_group, topk_group, top_k, dtype, score_func):
+    T = 1001
+    logits = _separated_logits(T, E).to(dtype)
+    bias = (torch.randn(E, device="cuda") * 1e-3 - 0.5)  # small: keeps the separation, scores negative
+    i, w = ops.moe_route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5,
+                         score_func=score_func)
+    ri, rw = ref.moe_route(logits.cpu(), bias.cpu(), top_k=top_k, n_group=n_group, topk_group=topk_group,
+                           routed_scaling_factor=2.5, score_func=score_func)
+    assert torch.equal(i.cpu(), ri)
+    torch.testing.assert_close(w.cpu(), rw, rtol=2e-6, atol=1e-7)
+    i2, w2 = ops.moe_route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5,
+                           score_func=score_func)
+    assert digest(i, w) == digest(i2, w2)
+
+
+def test_route_ties_and_nan_on_gpu():
+    l = torch.zeros(5, 64, device="cuda")
+    l[1, 3] = float("nan")
+    i, w = ops.moe_route(l, None, top_k=4, n_group=8, topk_group=2, routed_scaling_factor=1.0)
+    ri, _ = ref.moe_route(l.cpu(), None, top_k=4, n_group=8, topk_group=2, routed_scaling_factor=1.0)
+    assert torch.equal(i.cpu(), ri)
+
+
+@pytest.mark.parametrize("T,k,E,align,H", [(4096, 8, 256, 128, 7168), (999, 6, 64, 128, 384), (37, 3, 7, 16, 40), (0, 8, 16, 128, 128),
+                                           (3000, 4, 33, 1, 24)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_permute_unpermute_match_reference(T, k, E, align, H, dtype):
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.long)
+    if T:
+        idx[torch.rand(T, k) < 0.05] = -1
+    idx = idx.to(torch.int32)
+    x = torch.randn(T, H, dtype=dtype)
+    xp, m, tpe, rm = ops.moe_permute(x.cuda(), idx.cuda(), E, alignment=align)
+    rxp, rmi, rtpe, rrm = ref.moe_permute(x, idx, E, alignment=align)
+    assert torch.equal(m.cpu(), rmi) and torch.equal(tpe.cpu(), rtpe) and torch.equal(rm.cpu(), rrm)
+    assert torch.equal(xp.cpu(), rxp)
+    # graph-safe size: same layout, padding tail
+    mr = ops.moe_permute_max_rows(T, k, E, align)
+    xp2, m2, tpe2, rm2 = ops.moe_permute(x.cuda(), idx.cuda(), E, alignment=align, max_rows=mr)
+    assert torch.equal(rm2, rm) and torch.equal(m2[: m.shape[0]], m) and (m2[m.shape[0]:] == -1).all()
+    assert torch.equal(xp2[: xp.shape[0]], xp) and (xp2[xp.shape[0]:] == 0).all()
+    w = torch.rand(T, k)
+    y = ops.moe_unpermute(xp, rm, w.cuda())
+    ry = ref.moe_unpermute(rxp, rrm, w)
+    assert torch.equal(y.cpu(), ry)
+    # backward of permute (unweighted gather) and of unpermute (weighted scatter)
+    g = torch.randn(xp.shape, dtype=dtype)
+    assert torch.equal(ops.moe_unpermute(g.cuda(), rm, None).cpu(), ref.moe_unpermute(g, rrm, None))
+    gy = torch.randn(T, H, dtype=dtype)
+    sc = torch.ops.dsmoe.moe_scatter_rows(gy.cuda(), rm, w.cuda(), None, xp.shape[0])
+    assert torch.equal(sc.cpu(), ref.moe_scatter_rows(gy, rrm, w, xp.shape[0]))
+
+
+@pytest.mark.parametrize("T,H", [(513, 7168), (7, 256), (0, 128)])
+def test_permute_fp8_matches_reference(T, H):
+    k, E = 8, 64
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32) if T else torch.empty(0, k, dtype=torch.int32)
+    x = torch.randn(T, H, dtype=torch.bfloat16) * 3
+    if T:
+        x[0, :128] = 0  # an all-zero group
+    q, s, m, tpe, rm = ops.moe_permute(x.cuda(), idx.cuda(), E, quantize_fp8=True)
+    rq, rs, rmi, _, rrm = ref.moe_permute(x, idx, E, quantize_fp8=True)
+    assert torch.equal(rm.cpu(), rrm) and torch.equal(m.cpu(), rmi)
+    assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
+    assert torch.equal(s.cpu(), rs)
+
+
+def test_permute_cuda_graph_and_compile():
+    T, k, E, H = 512, 8, 256, 256
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32).cuda()
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(T, k, device="cuda")
+    mr = ops.moe_permute_max_rows(T, k, E)
+
+    def f():
+        xp, m, tpe, rm = ops.moe_permute(x, idx, E, max_rows=mr)
+        return ops.moe_unpermute(xp, rm, w)
+
+    expect = f()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = f()
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, f()) and not torch.equal(out, expect)
+    cf = torch.compile(f, fullgraph=True)
+    assert torch.equal(cf(), f())
+
+
+def test_permute_grad_gpu():
+    T, k, E, H = 64, 4, 16, 32
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32)
+    x = torch.randn(T, H, requires_grad=True)
+    w = torch.rand(T, k, requires_grad=True)
+    xg, wg = x.detach().cuda().requires_grad_(True), w.detach().cuda().requires_grad_(True)
+    g = torch.randn(T, H)
+    for xx, ww, ii, gg in ((x, w, idx, g), (xg, wg, idx.cuda(), g.cuda())):
+        xp, m, tpe, rm = ops.moe_permute(xx, ii, E, alignment=8)
+        (ops.moe_unpermute(xp * xp, rm, ww) * gg).sum().backward()
+    torch.testing.assert_close(xg.grad.cpu(), x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wg.grad.cpu(), w.grad, rtol=1e-5, atol=1e-5)
