@@ -410,7 +410,7 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const __grid_constant_
     float sum = 0.f;
     for (int i = threadIdx.x; i < n; i += 32) {
       const float l = p.lse_accum[static_cast<int64_t>(base + i) * rows_total + row];
-      const float w = (l == INFINITY || mx == -INFINITY) ? 0.f : __expf(l - mx);
+      const float w = (l == INFINITY || mx == -INFINITY) ? 0.f : expf(l - mx);
       s_w[i] = w;
       sum += w;
     }
