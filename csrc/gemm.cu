@@ -295,12 +295,16 @@ void launch_k_grouped_fp8_gemm_tn(uintptr_t a, uintptr_t a_scales, uintptr_t b, 
   check_config(op, Kind::kKGrouped, block_m, block_n, num_stages, num_ctas, raster_group_n, p);
   check_out(op, out);
   if (group_sizes != 0) DSMOE_CHECK_ARG(is_aligned(group_sizes, 4), op, "group_sizes", "must be 4-byte aligned");
-  if (T > 0) {
+  if (T == 0) {  // no K blocks: the product is zero
+    if (!accumulate) DSMOE_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(out), 0, static_cast<size_t>(G * M * N) * 4, as_stream(stream)));
+    return;
+  }
+  {
     p.tmap_a = tmap_fp8_2d(op, "a", a, T, M, T, block_m);
     p.tmap_b = tmap_fp8_2d(op, "b", b, T, N, T, block_n);
     p.tmap_sa = tmap_scales(op, "a_scales", a_scales, M, T / 128, 1, sa_ld, 0, block_m);
     p.tmap_sb = tmap_scales(op, "b_scales", b_scales, N, T / 128, 1, sb_ld, 0, block_n);
-  }  // T == 0: no K blocks, nothing is loaded; the kernel writes zeros (or leaves out with accumulate)
+  }
   p.group_sizes = reinterpret_cast<const int*>(group_sizes);
   p.out = reinterpret_cast<void*>(out);
   p.ld_out = N;

@@ -32,7 +32,10 @@ constexpr int kBlockK = 128;     // K per stage = the promotion interval = the s
 constexpr int kWgmmaK = 32;      // K of one e4m3 wgmma
 constexpr int kWgmmaN = 128;     // N of one wgmma (= BN: one instruction per consumer per k32)
 constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = 232;
+// 2 consumers: 128 * 40 + 256 * 232 = 64512 <= 65536 registers. 1 consumer: a strict increase over
+// the 232 ptxas allocates for a 256-thread CTA.
+template <int kConsumers>
+constexpr int kConsumerRegs = kConsumers == 2 ? 232 : 240;
 
 __host__ __device__ constexpr bool scale_b_per_row(Kind k) { return k == Kind::kKGrouped; }
 __host__ __device__ constexpr bool out_is_f32(Kind k) { return k == Kind::kDenseF32 || k == Kind::kKGrouped; }
@@ -254,7 +257,7 @@ __global__ void __launch_bounds__(128 * (1 + BM / 64), 1) fp8_gemm_kernel(const 
   }
 
   // -------------------------------------------------------------------- consumers
-  ptx::setmaxnreg_inc<kConsumerRegs>();
+  ptx::setmaxnreg_inc<static_cast<uint32_t>(kConsumerRegs<kConsumers>)>();
   const int consumer = warpgroup - 1;
   const int warp = tid_wg / 32, lane = tid_wg % 32;
   const int row0 = consumer * 64 + warp * 16 + lane / 4;  // this thread's rows in the tile: row0, row0 + 8
