@@ -1,0 +1,276 @@
+"""The ``nvlink`` backend of EPBuffer: our CUDA kernels write rows straight into the peers' receive
+buffers over CUDA IPC (one node; also several processes on one GPU).
+
+Memory (one ``ep_alloc`` per rank, shared with every peer through CUDA IPC handles exchanged with
+``all_gather_object`` on the process group):
+  dispatch data [W sources][max_tokens][row]  row = payload | global topk_idx int32[k] | weights fp32[k] (16-byte padded)
+  combine data  [W sources][max_tokens][H * elem]
+  dispatch/combine counts int32[W], flags u64[W], epoch u64, done-blocks u32; error int32.
+A sender copies its rows with ``ep_copy_rows`` (grid capped at ``num_sms`` blocks); its last block
+publishes the per-destination counts and an epoch flag in each peer's memory. ``ep_wait`` (one warp)
+spins on the local flags with a clock budget: a dead peer sets the error word instead of hanging.
+
+Modes: ``graph_safe=False`` reads the counts back (one host sync), checks the error word (raises
+EPTimeoutError) and returns compact rows, like the collective backend. ``graph_safe=True`` never syncs:
+outputs are worst-case sized ``[W * max_tokens, ...]`` (source s at rows ``[s*max_tokens, ...)``),
+rows past a source's count have ``recv_topk_idx = -1`` and weight 0 (their ``recv_x`` is stale), and the
+error word is left for the caller (``EPBuffer._nvlink.check_error()``) outside capture.
+Ordering rule (as in other EP libraries): dispatch N+1 on a buffer must come after combine N.
+Gradients: ``x`` gets its gradient through the transport (dispatch backward = combine and vice versa);
+``topk_weights`` are not differentiable on this backend (use the collective backend to train the router).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import _native
+
+_ELEM = {torch.bfloat16: 2, torch.float16: 2}
+
+
+def _al16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+class _Raw:
+    """A device pointer exposed to torch through __cuda_array_interface__ (no copy)."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+
+class NVLinkTransport:
+    def __init__(self, buf):
+        if not torch.cuda.is_available():
+            raise RuntimeError("dsmoe.EPBuffer: the nvlink backend needs CUDA")
+        C = _native.require_kernel("EPBuffer", "ep_copy_rows") and _native.native()
+        cfg = buf.config
+        if buf.world_size > C.ep_max_ranks():
+            raise ValueError(f"dsmoe.EPBuffer: argument 'group': the nvlink backend supports up to {C.ep_max_ranks()} "
+                             f"ranks (one node), got {buf.world_size}")
+        self.C, self.buf = C, buf
+        W, T, H, K = buf.world_size, cfg.max_tokens_per_rank, cfg.hidden, cfg.top_k_max
+        self.W, self.T, self.H, self.K = W, T, H, K
+        self.num_sms = cfg.num_sms
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        # row = max(bf16 payload, fp8 payload + scales) | idx | weights
+        self.payload = max(_al16(H * 2), _al16(H) + _al16(H // 128 * 4) if H % 128 == 0 else 0)
+        self.row = self.payload + 2 * _al16(K * 4)
+        self.crow = _al16(H * 2)
+        off = 0
+        self.o_ddata = off; off += W * T * self.row
+        self.o_cdata = off; off += W * T * self.crow
+        self.o_dcnt = off; off += _al16(W * 4)
+        self.o_ccnt = off; off += _al16(W * 4)
+        self.o_dflag = off; off += _al16(W * 8)
+        self.o_cflag = off; off += _al16(W * 8)
+        self.o_depoch = off; off += 16
+        self.o_cepoch = off; off += 16
+        self.o_ddone = off; off += 16
+        self.o_cdone = off; off += 16
+        self.o_err = off; off += 16
+        self.nbytes = off
+        self.base = C.ep_alloc(off)
+        self.mem = torch.as_tensor(_Raw(self.base, off), device=self.device)
+        handles = [None] * W
+        dist.all_gather_object(handles, (dist.get_rank(buf.group), C.ep_ipc_get_handle(self.base)), group=buf.group)
+        self.peers = []
+        for r, (_, h) in enumerate(handles):
+            self.peers.append(self.base if r == buf.rank else C.ep_ipc_open_handle(h))
+        dist.barrier(group=buf.group)
+
+    def close(self):
+        for r, p in enumerate(self.peers):
+            if r != self.buf.rank:
+                self.C.ep_ipc_close(p)
+        self.C.ep_free(self.base)
+        self.peers = []
+
+    def _view(self, off, n, dtype=torch.uint8):
+        return self.mem[off:off + n * torch.empty((), dtype=dtype).element_size()].view(dtype)
+
+    def check_error(self):
+        err = int(self._view(self.o_err, 1, torch.int32)[0])
+        if err:
+            from .buffer import EPTimeoutError
+            raise EPTimeoutError(f"dsmoe.EPBuffer (nvlink): peer rank {err - 1} did not signal within the timeout")
+
+    def _send(self, src_rows: torch.Tensor, dest_rank, dest_row, counts, data_off, cnt_off, flag_off, epoch_off,
+              done_off, row_bytes, fanout):
+        C, W = self.C, self.W
+        stream = torch.cuda.current_stream().cuda_stream
+        C.ep_copy_rows(src_rows.data_ptr(), dest_rank.data_ptr(), dest_row.data_ptr(), counts.data_ptr(),
+                       [p + data_off for p in self.peers], [p + cnt_off for p in self.peers],
+                       [p + flag_off for p in self.peers], self.base + epoch_off, self.base + done_off,
+                       dest_rank.numel(), src_rows.stride(0) * src_rows.element_size(), row_bytes, self.T,
+                       self.buf.rank, W, fanout, self.num_sms, stream)
+        timeout = self.buf.timeout if isinstance(self.buf.timeout, (int, float)) else 60.0
+        C.ep_wait(self.base + flag_off, self.base + epoch_off, self.base + self.o_err, W, float(timeout), stream)
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, x, topk_idx, topk_weights):
+        fp8 = isinstance(x, (tuple, list))
+        xs = x[0] if fp8 else x
+        if xs.device.type != "cuda" or topk_idx.device != xs.device:
+            raise ValueError("dsmoe.EPBuffer.dispatch: the nvlink backend needs CUDA tensors on this rank's device")
+        if not fp8 and xs.dtype not in _ELEM:
+            raise TypeError(f"dsmoe.EPBuffer.dispatch: the nvlink backend moves bf16/fp16 or FP8 rows, got {xs.dtype}")
+        Tn, k = topk_idx.shape
+        if Tn > self.T or k > self.K:
+            raise ValueError(f"dsmoe.EPBuffer.dispatch: {Tn} tokens x top-{k} exceed the buffer "
+                             f"(max_tokens_per_rank={self.T}, top_k_max={self.K})")
+        if fp8:
+            recv, ridx, rw, cnt, h = self._dispatch_raw(x, topk_idx, topk_weights)
+            return recv, ridx, rw, cnt, h
+        box = {}
+        recv_x, ridx, rw, cnt = _NVDispatch.apply(xs, topk_idx, topk_weights.detach(), self, box)
+        return recv_x, ridx, rw, cnt, box["handle"]
+
+    def _dispatch_raw(self, x, topk_idx, topk_weights):
+        from .buffer import get_dispatch_layout
+        fp8 = isinstance(x, (tuple, list))
+        xs = x[0] if fp8 else x
+        W, T, L = self.W, self.T, self.buf.num_local_experts
+        Tn, k = topk_idx.shape
+        _, _, in_rank = get_dispatch_layout(topk_idx, self.buf.num_experts, W)
+        send_pos = (torch.cumsum(in_rank.int(), 0) - 1).to(torch.int32)
+        send_pos = torch.where(in_rank, send_pos, torch.full_like(send_pos, -1))
+        counts = in_rank.sum(0).to(torch.int32)
+        # staging rows: payload | idx | weights  (NOTE: one extra local copy; a fused gather is future work)
+        stage = torch.zeros(max(Tn, 1), self.row, dtype=torch.uint8, device=xs.device)
+        if fp8:
+            stage[:Tn, :self.H] = xs.view(torch.uint8)
+            sb = x[1].contiguous().view(torch.uint8)
+            stage[:Tn, _al16(self.H):_al16(self.H) + sb.shape[1]] = sb
+        else:
+            stage[:Tn, :self.H * 2] = xs.contiguous().view(torch.uint8)
+        o = self.payload
+        stage[:Tn, o:o + k * 4] = topk_idx.to(torch.int32).contiguous().view(torch.uint8)
+        o2 = o + _al16(self.K * 4)
+        stage[:Tn, o2:o2 + k * 4] = topk_weights.float().contiguous().view(torch.uint8)
+        dest_rank = torch.where(in_rank, torch.arange(W, device=xs.device, dtype=torch.int32).expand(Tn, W),
+                                torch.full((Tn, W), -1, dtype=torch.int32, device=xs.device)).contiguous()
+        self._send(stage, dest_rank, send_pos.contiguous(), counts, self.o_ddata, self.o_dcnt, self.o_dflag,
+                   self.o_depoch, self.o_ddone, self.row, W)
+        data = self._view(self.o_ddata, W * T * self.row).view(W * T, self.row)
+        rcounts = self._view(self.o_dcnt, W, torch.int32)
+        slot = torch.arange(T, device=xs.device).repeat(W)
+        valid_row = slot < rcounts.long().repeat_interleave(T)
+        if not self.buf.graph_safe:
+            torch.cuda.current_stream().synchronize()
+            self.check_error()
+            rc = rcounts.tolist()
+            sel = torch.cat([torch.arange(s * T, s * T + c, device=xs.device) for s, c in enumerate(rc)]) if sum(rc) else \
+                torch.empty(0, dtype=torch.long, device=xs.device)
+            rows = data[sel].clone()
+            valid = torch.ones(rows.shape[0], dtype=torch.bool, device=xs.device)
+        else:
+            rc = None
+            rows = data
+            valid = valid_row
+        gidx = rows[:, o:o + k * 4].contiguous().view(torch.int32).long()
+        w = rows[:, o2:o2 + k * 4].contiguous().view(torch.float32)
+        me = self.buf.rank
+        local = (gidx >= me * L) & (gidx < (me + 1) * L) & valid.unsqueeze(1)
+        ridx = torch.where(local, gidx - me * L, torch.full_like(gidx, -1)).to(torch.int32)
+        rw = torch.where(local, w, torch.zeros_like(w))
+        cnt = torch.bincount(torch.where(local, ridx.long(), torch.full_like(gidx, L)).flatten(), minlength=L + 1)[:L].to(torch.int32)
+        if fp8:
+            rq = rows[:, :self.H].contiguous().view(torch.float8_e4m3fn)
+            rs = rows[:, _al16(self.H):_al16(self.H) + self.H // 128 * 4].contiguous().view(torch.float32)
+            recv = (rq, rs)
+        else:
+            recv = rows[:, :self.H * 2].contiguous().view(xs.dtype)
+        handle = {"num_tokens": Tn, "send_pos": send_pos, "in_rank": in_rank, "recv_counts": rc,
+                  "recv_counts_dev": rcounts.clone(), "dtype": xs.dtype}
+        from .buffer import EPHandle
+        h = EPHandle(Tn, send_pos, [], rc if rc is not None else [T] * W, in_rank, k)
+        h.nv = handle
+        return recv, ridx, rw, cnt, h
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, y, handle):
+        return _NVCombine.apply(y, handle, self)
+
+    def _combine_raw(self, y, handle):
+        nv = handle.nv
+        W, T = self.W, self.T
+        dev = y.device
+        if y.dtype not in _ELEM:
+            raise TypeError(f"dsmoe.EPBuffer.combine: the nvlink backend takes bf16/fp16 rows, got {y.dtype}")
+        rc = nv["recv_counts"]
+        if rc is not None:  # compact rows: row i came from source s, slot i - start_s
+            src = torch.cat([torch.full((c,), s, dtype=torch.int32, device=dev) for s, c in enumerate(rc)]) if sum(rc) else \
+                torch.empty(0, dtype=torch.int32, device=dev)
+            starts = torch.tensor([sum(rc[:s]) for s in range(W)], dtype=torch.int32, device=dev)
+            slot = torch.arange(y.shape[0], dtype=torch.int32, device=dev) - starts[src.long()] if y.shape[0] else src
+            dest_rank, dest_row = src, slot
+        else:
+            slot = torch.arange(T, dtype=torch.int32, device=dev).repeat(W)
+            srcs = torch.arange(W, dtype=torch.int32, device=dev).repeat_interleave(T)
+            ok = slot < nv["recv_counts_dev"].repeat_interleave(T)
+            dest_rank = torch.where(ok, srcs, torch.full_like(srcs, -1))
+            dest_row = slot
+        yc = y.contiguous() if y.shape[0] else torch.zeros(1, self.H, dtype=y.dtype, device=dev)
+        counts = torch.zeros(W, dtype=torch.int32, device=dev)  # combine receivers know their counts already
+        self._send(yc, dest_rank.contiguous(), dest_row.contiguous(), counts, self.o_cdata, self.o_ccnt, self.o_cflag,
+                   self.o_cepoch, self.o_cdone, self.crow, 1)
+        cdata = self._view(self.o_cdata, W * T * self.crow).view(W * T, self.crow)[:, :self.H * 2].view(y.dtype)
+        sp = nv["send_pos"].long()
+        out = torch.zeros(nv["num_tokens"], self.H, dtype=torch.float32, device=dev)
+        for d in range(W):  # rank order, fp32
+            rows = cdata[(d * T + sp[:, d].clamp(min=0))].float()
+            out = out + torch.where((sp[:, d] >= 0).unsqueeze(1), rows, torch.zeros_like(rows))
+        if not self.buf.graph_safe:
+            torch.cuda.current_stream().synchronize()
+            self.check_error()
+        return out.to(y.dtype)
+
+
+class _NVDispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_idx, topk_weights, tr, box):
+        recv, ridx, rw, cnt, h = tr._dispatch_raw(x, topk_idx, topk_weights)
+        box["handle"] = h
+        ctx.tr, ctx.h = tr, h
+        ctx.mark_non_differentiable(ridx, rw, cnt)
+        return recv, ridx, rw, cnt
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        return ctx.tr._combine_raw(g.contiguous(), ctx.h), None, None, None, None
+
+
+class _NVCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, handle, tr):
+        ctx.tr, ctx.h = tr, handle
+        return tr._combine_raw(y, handle)
+
+    @staticmethod
+    def backward(ctx, g):
+        # NOTE: the backward of combine sends each token's gradient to every rank that received it,
+        # into the same rows: a dispatch with the forward's layout.
+        tr, h = ctx.tr, ctx.h
+        nv = h.nv
+        Tn = nv["num_tokens"]
+        W = tr.W
+        stage = torch.zeros(max(Tn, 1), tr.row, dtype=torch.uint8, device=g.device)
+        stage[:Tn, :tr.H * 2] = g.to(nv["dtype"]).contiguous().view(torch.uint8)
+        dest_rank = torch.where(nv["in_rank"], torch.arange(W, device=g.device, dtype=torch.int32).expand(Tn, W),
+                                torch.full((Tn, W), -1, dtype=torch.int32, device=g.device)).contiguous()
+        counts = nv["in_rank"].sum(0).to(torch.int32)
+        tr._send(stage, dest_rank, nv["send_pos"].contiguous(), counts, tr.o_ddata, tr.o_dcnt, tr.o_dflag, tr.o_depoch,
+                 tr.o_ddone, tr.row, W)
+        data = tr._view(tr.o_ddata, W * tr.T * tr.row).view(W * tr.T, tr.row)
+        rc = nv["recv_counts"]
+        if rc is not None:
+            torch.cuda.current_stream().synchronize()
+            tr.check_error()
+            sel = torch.cat([torch.arange(s * tr.T, s * tr.T + c, device=g.device) for s, c in enumerate(rc)]) if sum(rc) else \
+                torch.empty(0, dtype=torch.long, device=g.device)
+            rows = data[sel]
+        else:
+            rows = data
+        return rows[:, :tr.H * 2].contiguous().view(nv["dtype"]), None, None
