@@ -87,7 +87,7 @@ def hf_state_dict(model, *, quantize_fp8: bool = False, dtype=None) -> dict[str,
             continue
         out[k] = cast(k, t)
     for ck, ours in _mtp_copies(model).items():
-        out[ck] = cast(ours, sd[ours])
+        out[ck] = cast(ours, sd[ours]).clone()  # a copy: safetensors refuses shared storage
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 

@@ -119,6 +119,8 @@ class _FP8LinearFn(torch.autograd.Function):
         N, K, Np, Kp = ctx.shape
         g2 = gy.reshape(-1, N).to(x2.dtype)
         dx = dw = None
+        if g2.shape[0] == 0:   # no tokens: zero gradients (an empty grad may come with zero strides)
+            return gy.new_zeros(*gy.shape[:-1], K), torch.zeros(N, K, dtype=torch.float32, device=gy.device)
         if ctx.needs_input_grad[0]:
             gq, gs = _quant_act(pad_to(g2, 1, _BLOCK))
             dx = _gemm_nt(gq, gs, wq.t().contiguous(), ws.t().contiguous(), x2.dtype)[:, :K]

@@ -103,7 +103,7 @@ class MLA(nn.Module):
         kv = cache.kv[self.layer_idx]
         bids = torch.arange(B, device=x.device).repeat_interleave(s_q)
         ops.mla_kvcache_append(kv, cache.block_table, bids.to(torch.int32), positions.reshape(-1).to(torch.int32),
-                                      c.reshape(B * s_q, -1), k_rope.reshape(B * s_q, -1))
+                                      c.reshape(B * s_q, -1).to(kv.dtype), k_rope.reshape(B * s_q, -1).to(kv.dtype))
         w = self.kv_b_proj.dequantized_weight(torch.float32).view(self.nh, self.d_nope + self.d_v, self.kv_lora)
         w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope:]
         q_abs = torch.einsum("bshn,hnc->bshc", q_nope.float(), w_uk)

@@ -153,6 +153,10 @@ class GroupedExperts(nn.Module):
         """``x_perm [R, H]`` in the contiguous layout of ``ops.moe_permute(..., alignment=128)`` (exact size:
         segment e has ``ceil(tokens_per_expert[e] / 128) * 128`` rows)."""
         gs = ((tokens_per_expert + _BLOCK - 1) // _BLOCK * _BLOCK).to(torch.int32)
+        # rows past the real layout (fixed-size layouts) are zero padding: count them in the last group
+        tail = torch.zeros_like(gs)
+        tail[-1:] = x_perm.shape[0] - gs.sum()
+        gs = gs + tail
         h = F.silu(self._lin("gate_proj", x_perm, m_indices, gs)) * self._lin("up_proj", x_perm, m_indices, gs)
         return self._lin("down_proj", h, m_indices, gs)
 
@@ -208,7 +212,12 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def routed(self, x2, idx, w):
-        out = ops.moe_permute(x2, idx, self.num_experts, alignment=_BLOCK)
+        max_rows = None
+        if torch.compiler.is_compiling():
+            # a fixed (worst-case) row count keeps shapes static for torch.compile / CUDA graphs
+            from ..ref.moe import moe_permute_max_rows
+            max_rows = moe_permute_max_rows(x2.shape[0], self.top_k, self.num_experts, _BLOCK)
+        out = ops.moe_permute(x2, idx, self.num_experts, alignment=_BLOCK, max_rows=max_rows)
         x_perm, m_indices, tpe, row_map = out
         y_perm = self.experts(x_perm, m_indices, tpe)
         return ops.moe_unpermute(y_perm, row_map, w.to(torch.float32)).to(x2.dtype)

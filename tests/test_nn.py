@@ -1,0 +1,203 @@
+"""dsmoe.nn: FP8Linear numerics and gradients, grouped FP8 experts, gate/bias balancing, RoPE, RMSNorm."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsmoe import ops
+from dsmoe.models import DeepseekV3Config
+from dsmoe.nn import FP8Linear, MoE, RMSNorm, fp8_autocast, set_fp8
+from dsmoe.nn.rope import apply_rope, yarn_inv_freq
+from util import calc_diff, rel_err
+
+
+def _emulated_fp8_linear(x, w):
+    """Independent FP8 forward: quantize with dsmoe.ref-equivalent ops, dequantize, fp64 matmul."""
+    K = x.shape[-1]
+    pad = (-K) % 128
+    xp = F.pad(x.reshape(-1, K), (0, pad))
+    wp = F.pad(w, (0, pad, 0, (-w.shape[0]) % 128))
+    xq, xs = ops.per_token_group_quant_fp8(xp)
+    wq, ws = ops.per_block_quant_fp8(wp)
+    xd = ops.per_token_group_dequant_fp8(xq, xs, out_dtype=torch.float32).double()
+    wd = ops.per_block_dequant_fp8(wq, ws, out_dtype=torch.float32).double()
+    return (xd @ wd.T)[:, : w.shape[0]].reshape(*x.shape[:-1], w.shape[0])
+
+
+@pytest.mark.parametrize("M,K,N", [(5, 256, 128), (37, 200, 72), (1, 128, 320), (130, 96, 136)])
+def test_fp8_linear_forward_is_fp8_product(M, K, N):
+    lin = FP8Linear(K, N)
+    x = torch.randn(M, K)
+    y = lin(x)
+    ref = _emulated_fp8_linear(x, lin.weight.detach())
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    assert rel_err(y, ref) < 1e-5
+    exact = x.double() @ lin.weight.detach().double().T
+    e = rel_err(y, exact)
+    assert 1e-4 < e < 0.06, e   # really FP8 (not exact), within what e4m3 rounding explains
+
+
+@pytest.mark.parametrize("shape,K,N", [((3, 7), 256, 128), ((50,), 160, 200), ((2, 129), 128, 256)])
+def test_fp8_linear_grads_match_bf16_autograd(shape, K, N):
+    lin = FP8Linear(K, N)
+    x = torch.randn(*shape, K, requires_grad=True)
+    g = torch.randn(*shape, N)
+    (lin(x) * g).sum().backward()
+    dx, dw = x.grad.clone(), lin.weight.grad.clone()
+    x.grad = None
+    lin.weight.grad = None
+    with fp8_autocast(False):
+        (lin(x) * g).sum().backward()
+    assert rel_err(dx, x.grad) < 0.08 and calc_diff(dx, x.grad) < 2e-3
+    assert rel_err(dw, lin.weight.grad) < 0.08 and calc_diff(dw, lin.weight.grad) < 2e-3
+    assert not torch.equal(dw, lin.weight.grad)  # the FP8 path really ran
+    # Wgrad in FP8 equals the product of the token-dim (1x128 along M) quantized operands
+    M = x[..., 0].numel()
+    gq, gs = ops.per_token_group_quant_fp8_transposed(F.pad(g.reshape(M, N), (0, (-N) % 128)).contiguous())
+    xq, xs = ops.per_token_group_quant_fp8_transposed(F.pad(x.detach().reshape(M, K), (0, (-K) % 128)).contiguous())
+    deq = lambda q, s: (q.float().view(q.shape[0], -1, 128) * s.contiguous().unsqueeze(-1)).view(q.shape[0], -1)  # noqa
+    ref_dw = (deq(gq, gs).double() @ deq(xq, xs).double().T)[:N, :K]
+    assert rel_err(dw, ref_dw) < 1e-5
+
+
+def test_fp8_linear_empty_and_switches():
+    lin = FP8Linear(128, 128)
+    x = torch.randn(0, 128, requires_grad=True)
+    y = lin(x)
+    assert y.shape == (0, 128)
+    y.sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() == 0
+    set_fp8(lin, False)
+    x = torch.randn(4, 128)
+    assert torch.equal(lin(x), F.linear(x, lin.weight))
+
+
+def test_fp8_serving_weight_matches_dequantized():
+    lin = FP8Linear(256, 192)
+    wq, ws = ops.per_block_quant_fp8(lin.weight.detach())
+    lin.load_fp8(wq, ws)
+    assert lin.weight.dtype == torch.float8_e4m3fn and not lin.weight.requires_grad
+    x = torch.randn(9, 256)
+    wd = ops.per_block_dequant_fp8(wq, ws, out_dtype=torch.float32)
+    with fp8_autocast(False):
+        assert torch.allclose(lin(x), x @ wd.T, atol=1e-5)
+    y = lin(x)                                   # activations quantized too
+    assert rel_err(y, x @ wd.T) < 0.05
+    with pytest.raises(ValueError, match="weight_scale_inv shape"):
+        lin.load_fp8(wq, ws[:, :1])
+
+
+def test_rmsnorm_hf_semantics():
+    n = RMSNorm(48)
+    with torch.no_grad():
+        n.weight.copy_(torch.randn(48))
+    x = torch.randn(3, 5, 48, dtype=torch.bfloat16)
+    xf = x.float()
+    ref = n.weight.to(torch.bfloat16) * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert torch.equal(n(x), ref)
+
+
+def test_yarn_frequencies_v3_and_rope_is_a_rotation():
+    inv, att = yarn_inv_freq(64, 10000.0, {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                           "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+    base = 1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
+    assert att == 1.0
+    # high frequencies (first dims) kept, low frequencies divided by the factor
+    assert torch.allclose(inv[:5], base[:5]) and torch.allclose(inv[-3:], base[-3:] / 40)
+    x = torch.randn(2, 6, 3, 64)
+    ang = torch.arange(6).float()[:, None] * inv
+    y = apply_rope(x, ang.cos()[None], ang.sin()[None], interleave=True)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    # interleaved form == complex multiplication of pairs (x[2i], x[2i+1]), written de-interleaved
+    xc = torch.view_as_complex(x.reshape(2, 6, 3, 32, 2).contiguous())
+    zc = xc * torch.polar(torch.ones_like(ang), ang)[None, :, None, :]
+    assert torch.allclose(torch.cat([zc.real, zc.imag], -1), y, atol=1e-5)
+
+
+def _moe_cfg(**kw):
+    d = dict(vocab_size=16, hidden_size=128, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
+             n_group=2, topk_group=1, n_shared_experts=1, num_hidden_layers=1, first_k_dense_replace=0,
+             intermediate_size=64, num_attention_heads=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
+             qk_nope_head_dim=8, v_head_dim=8)
+    d.update(kw)
+    return DeepseekV3Config(**d)
+
+
+def _moe_reference(moe: MoE, x):
+    """Per-token loop over the selected experts (fp64), independent of permute/grouped GEMM."""
+    cfg = moe.cfg
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    logits = x2 @ moe.gate.weight.double().T
+    s = logits.sigmoid()
+    c = s + moe.gate.e_score_correction_bias.double()
+    G = cfg.n_routed_experts // cfg.n_group
+    gs = c.view(-1, cfg.n_group, G).topk(2, -1).values.sum(-1)
+    keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(cfg.topk_group, -1).indices, True)
+    c = c.masked_fill(~keep.repeat_interleave(G, 1), float("-inf"))
+    idx = c.topk(cfg.num_experts_per_tok, -1).indices
+    w = s.gather(1, idx)
+    w = w / w.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+    ex = moe.experts
+    out = torch.zeros_like(x2)
+    for t in range(x2.shape[0]):
+        for j in range(idx.shape[1]):
+            e = idx[t, j]
+            h = F.silu(x2[t] @ ex.gate_proj[e].double().T) * (x2[t] @ ex.up_proj[e].double().T)
+            out[t] += w[t, j] * (h @ ex.down_proj[e].double().T)
+    sh = moe.shared_experts
+    hs = F.silu(x2 @ sh.gate_proj.weight.double().T) * (x2 @ sh.up_proj.weight.double().T)
+    return (out + hs @ sh.down_proj.weight.double().T).view(x.shape)
+
+
+def test_moe_bf16_matches_per_token_reference_and_fp8_is_close():
+    moe = MoE(_moe_cfg(), fp8=False).eval()
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.3 - 1.0)   # negative biased scores
+    x = torch.randn(3, 11, 128)
+    ref = _moe_reference(moe, x)
+    assert rel_err(moe(x), ref) < 1e-6
+    set_fp8(moe, True)
+    y8 = moe(x)
+    assert 1e-3 < rel_err(y8, ref) < 0.1 and calc_diff(y8, ref) < 5e-3   # three chained e4m3 GEMMs
+
+
+def test_moe_fp8_grads_every_param_and_close_to_bf16():
+    moe = MoE(_moe_cfg(), fp8=True).train()
+    x = torch.randn(2, 70, 128, requires_grad=True)
+    g = torch.randn(2, 70, 128)
+    ((moe(x) * g).sum() + moe.aux_loss).backward()
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    assert all(v is not None and v.abs().sum() > 0 for v in grads.values()), [n for n, v in grads.items() if v is None]
+    dx = x.grad.clone()
+    moe.zero_grad()
+    x.grad = None
+    with fp8_autocast(False):
+        ((moe(x) * g).sum() + moe.aux_loss).backward()
+    for n, p in moe.named_parameters():
+        assert calc_diff(grads[n], p.grad) < 5e-3, n
+    assert calc_diff(dx, x.grad) < 5e-3
+
+
+def test_aux_loss_free_bias_moves_load_toward_balance():
+    torch.manual_seed(0)
+    moe = MoE(_moe_cfg(n_group=1, topk_group=1), fp8=False).train()
+    with torch.no_grad():   # skewed router: experts 0 and 1 win for most tokens
+        moe.gate.weight.normal_(0, 0.05)
+        moe.gate.weight[:2] += 0.03
+    x = torch.randn(4, 64, 128) + 1.0
+    loads = []
+    for _ in range(80):
+        with torch.no_grad():
+            moe(x)
+        loads.append(moe.update_bias(gamma=0.01))
+
+    def imbalance(ls):
+        load = torch.stack(ls).float().mean(0)
+        return (load.max() / load.mean()).item()
+    first, last = imbalance(loads[:1]), imbalance(loads[-10:])
+    assert first > 3.0, first
+    assert last < 0.5 * first and last < 1.6, (first, last)
+    b = moe.gate.e_score_correction_bias
+    assert b[:2].max() < b[2:].min()   # the hot experts were pushed down
+    assert moe.load.sum() == 0          # reset after each update
