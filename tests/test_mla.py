@@ -55,7 +55,7 @@ def test_decode_matches_dense(s_q, H, causal):
     assert lse.shape == (7, H, s_q) and lse.dtype == torch.float32
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert calc_diff(out, ref_o) < 1e-5
-    assert (out.double() - ref_o).abs().max() <= 1e-2  # bf16 output rounding
+    assert ((out.double() - ref_o).abs() <= 1e-5 + 2**-8 * ref_o.abs()).all()  # one bf16 rounding
     assert lse_close(lse, ref_l, 1e-5)
     assert (out[0] == 0).all() and torch.isposinf(lse[0]).all()
     if causal and s_q > 1:  # seqlen 1 < s_q: the first queries see nothing
@@ -126,7 +126,7 @@ def test_split_computation_matches(num_sms, causal):
     q, cache, bt, cs, kv, md, ns, out, lse = _run(seqlens, s_q, H, causal, num_sms=num_sms)
     assert int(ns[-1]) > len(seqlens) or num_sms == 3, "the test wants real splits"
     o2, l2 = ref.mla_decode_split(q, cache, bt, cs, 512, md, ns, SCALE, causal)
-    assert calc_diff(o2, out) < 1e-5 and (o2.float() - out.float()).abs().max() <= 1e-2
+    assert calc_diff(o2, out) < 1e-5 and ((o2.float() - out.float()).abs() <= 2**-7 * out.float().abs() + 1e-5).all()
     assert lse_close(l2, lse, 1e-5)
 
 
@@ -282,7 +282,7 @@ def _good(B=2, s_q=1, H=2):
 def test_decode_bad_inputs(mutate, exc, msg):
     a = _good()
     mutate(a)
-    with pytest.raises(exc, match="dsmoe.mla_decode_with_kvcache: .*" if msg is None else None) as ei:
+    with pytest.raises(exc) as ei:
         ops.mla_decode_with_kvcache(**a)
     assert "dsmoe.mla_decode_with_kvcache" in str(ei.value) and msg in str(ei.value), str(ei.value)
 
