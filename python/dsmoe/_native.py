@@ -15,7 +15,11 @@ try:  # the CPU path (references) works without the native module
     _IMPORT_ERROR: Exception | None = None
 except ImportError as e:  # pragma: no cover - exercised when running from a source tree
     _C = None
-    _IMPORT_ERROR = e
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if not any(f.startswith("_C.") and f.endswith((".so", ".pyd")) for f in os.listdir(_here)):
+        _IMPORT_ERROR = ImportError(f"no compiled dsmoe._C in {_here} (a source tree without a build; run `pip install .`)")
+    else:
+        _IMPORT_ERROR = e
 
 if _C is None and os.environ.get("DSMOE_REQUIRE_NATIVE") == "1":  # pragma: no cover
     raise ImportError(f"dsmoe._C could not be imported and DSMOE_REQUIRE_NATIVE=1: {_IMPORT_ERROR}")
