@@ -26,7 +26,7 @@ PRESETS = {
                             qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, num_nextn_predict_layers=1,
                             max_position_embeddings=64, routed_scaling_factor=2.5, bias_update_speed=1e-3,
                             aux_loss_alpha=1e-4, mtp_loss_weight=0.3),
-                 task=dict(num_symbols=32, length=12), steps=300, batch=32, lr=3e-3, warmup=30),
+                 task=dict(num_symbols=32, length=12), steps=150, batch=32, lr=3e-3, warmup=15),
     # for quick checks and tests
     "micro": dict(model=dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
                              num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
@@ -97,7 +97,7 @@ def train(preset: str = "tiny", *, fp8: bool = True, steps: int | None = None, d
 
 
 @torch.no_grad()
-def evaluate(model, task, n: int = 256, seed: int = 12345):
+def evaluate(model, task, n: int = 128, seed: int = 12345):
     dev = model.lm_head.weight.device
     seqs = task.sample(n, torch.Generator().manual_seed(seed)).to(dev)
     x, y = seqs[:, :-1], seqs[:, 1:]
