@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(128 * (1 + BM / 64), 1) fp8_gemm_kernel(const 
   extern __shared__ uint8_t smem_raw[];
   // NOTE: the dynamic shared window is only guaranteed 16-byte aligned; the 128B-swizzle atoms need
   // 1024 (the launcher allocates 1024 extra bytes for this).
-  const uint32_t raw = ptx::smem_addr(smem_raw);
+  const uint32_t raw = ptx::smem_u32(smem_raw);
   uint8_t* smem = smem_raw + ((1024u - (raw & 1023u)) & 1023u);
   const int S = p.num_stages;
   // layout: [A tiles x S][B tiles x S][A scales x S][B scales x S (TN)][full x S][empty x S]
@@ -211,8 +211,8 @@ __global__ void __launch_bounds__(128 * (1 + BM / 64), 1) fp8_gemm_kernel(const 
   const int tid_wg = threadIdx.x % 128;
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
-      ptx::mbar_init(ptx::smem_addr(full + s), 1);
-      ptx::mbar_init(ptx::smem_addr(empty + s), kConsumers * 4);  // lane 0 of each consumer warp
+      ptx::mbar_init(ptx::smem_u32(full + s), 1);
+      ptx::mbar_init(ptx::smem_u32(empty + s), kConsumers * 4);  // lane 0 of each consumer warp
     }
     ptx::fence_barrier_init();
     ptx::prefetch_tmap(&p.tmap_a);
@@ -239,14 +239,14 @@ __global__ void __launch_bounds__(128 * (1 + BM / 64), 1) fp8_gemm_kernel(const 
       if constexpr (kKind == Kind::kContiguous || kKind == Kind::kMasked) b_row += t.group * p.N;
       for (int kb = 0; kb < t.num_k_blocks; ++kb) {
         const int k = t.k_block_begin + kb;
-        ptx::mbar_wait(ptx::smem_addr(empty + stage), phase ^ 1u);
-        const uint32_t bar = ptx::smem_addr(full + stage);
+        ptx::mbar_wait(ptx::smem_u32(empty + stage), phase ^ 1u);
+        const uint32_t bar = ptx::smem_u32(full + stage);
         // NOTE: the transaction count is the full box size even where TMA zero-fills out of bounds.
         ptx::mbar_arrive_expect_tx(bar, kStageBytes);
-        ptx::tma_load_2d(ptx::smem_addr(smem_a + static_cast<size_t>(stage) * kABytes), &p.tmap_a, bar, k * kBlockK, a_row);
-        ptx::tma_load_2d(ptx::smem_addr(smem_b + static_cast<size_t>(stage) * kBBytes), &p.tmap_b, bar, k * kBlockK, b_row);
-        ptx::tma_load_3d(ptx::smem_addr(smem_sa + stage * BM), &p.tmap_sa, bar, t.m_block * BM, k, sa_batch);
-        if constexpr (kSbRow) ptx::tma_load_3d(ptx::smem_addr(smem_sb + stage * BN), &p.tmap_sb, bar, t.n_block * BN, k, 0);
+        ptx::tma_load_2d(ptx::smem_u32(smem_a + static_cast<size_t>(stage) * kABytes), &p.tmap_a, bar, k * kBlockK, a_row);
+        ptx::tma_load_2d(ptx::smem_u32(smem_b + static_cast<size_t>(stage) * kBBytes), &p.tmap_b, bar, k * kBlockK, b_row);
+        ptx::tma_load_3d(ptx::smem_u32(smem_sa + stage * BM), &p.tmap_sa, bar, t.m_block * BM, k, sa_batch);
+        if constexpr (kSbRow) ptx::tma_load_3d(ptx::smem_u32(smem_sb + stage * BN), &p.tmap_sb, bar, t.n_block * BN, k, 0);
         if (++stage == S) {
           stage = 0;
           phase ^= 1u;
@@ -279,21 +279,19 @@ __global__ void __launch_bounds__(128 * (1 + BM / 64), 1) fp8_gemm_kernel(const 
     for (int kb = 0; kb < t.num_k_blocks; ++kb) {
       float sb = 0.0f;
       if constexpr (!kSbRow) sb = __ldg(sb_row + t.k_block_begin + kb);  // issued before the wait
-      ptx::mbar_wait(ptx::smem_addr(full + stage), phase);
-      const uint32_t a_base = ptx::smem_addr(smem_a + static_cast<size_t>(stage) * kABytes) + consumer * 64 * kBlockK;
-      const uint32_t b_base = ptx::smem_addr(smem_b + static_cast<size_t>(stage) * kBBytes);
-#pragma unroll
-      for (int i = 0; i < 64; ++i) ptx::fence_operand(acc[i]);
+      ptx::mbar_wait(ptx::smem_u32(full + stage), phase);
+      const uint32_t a_base = ptx::smem_u32(smem_a + static_cast<size_t>(stage) * kABytes) + consumer * 64 * kBlockK;
+      const uint32_t b_base = ptx::smem_u32(smem_b + static_cast<size_t>(stage) * kBBytes);
+      ptx::fence_regs(acc);
       ptx::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBlockK / kWgmmaK; ++kk) {
-        ptx::wgmma_m64n128k32_e4m3(acc, ptx::sw128_desc(a_base + kk * kWgmmaK), ptx::sw128_desc(b_base + kk * kWgmmaK),
+        ptx::wgmma_m64n128k32_e4m3(acc, ptx::sw128_kmajor_desc(a_base + kk * kWgmmaK), ptx::sw128_kmajor_desc(b_base + kk * kWgmmaK),
                                    kk > 0 ? 1u : 0u);
       }
       ptx::wgmma_commit();
       ptx::wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 64; ++i) ptx::fence_operand(acc[i]);
+      ptx::fence_regs(acc);
 
       // promotion: fp32 accumulation across K blocks with both dequantization scales
       const float sa0 = smem_sa[stage * BM + row0], sa1 = smem_sa[stage * BM + row0 + 8];
@@ -321,7 +319,7 @@ __global__ void __launch_bounds__(128 * (1 + BM / 64), 1) fp8_gemm_kernel(const 
       // wait_group 0; the scales: consumed above); __syncwarp orders the lanes' reads before lane 0's
       // arrive, whose release semantics order them before the producer's next TMA write.
       __syncwarp();
-      if (lane == 0) ptx::mbar_arrive(ptx::smem_addr(empty + stage));
+      if (lane == 0) ptx::mbar_arrive(ptx::smem_u32(empty + stage));
       if (++stage == S) {
         stage = 0;
         phase ^= 1u;

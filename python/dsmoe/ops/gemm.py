@@ -25,15 +25,9 @@ from ..ref import gemm as ref
 from ..ref.quant import mn_major_scales
 from ._registry import register
 
-__all__ = [
-    "get_m_alignment_for_contiguous_layout",
-    "fp8_gemm_nt",
-    "m_grouped_fp8_gemm_nt_contiguous",
-    "m_grouped_fp8_gemm_nt_masked",
-    "fp8_gemm_tn",
-    "k_grouped_fp8_gemm_tn_contiguous",
-    "per_token_group_quant_fp8_transposed",
-]
+# Every op is named after its reference (the specification): the public names are ref's, less its
+# constants.
+__all__ = [n for n in ref.__all__ if n not in ("BLOCK_K", "M_ALIGNMENT")]
 
 _FP8 = torch.float8_e4m3fn
 _F32 = torch.float32
@@ -107,6 +101,20 @@ def _check_N(op, arg, N):
         raise ValueError(f"dsmoe.{op}: argument '{arg}': N={N} must be a multiple of 64")
 
 
+def _check_2d_pair(op, a, b, kname):
+    """a [M, K] and b [N, K], e4m3 and contiguous, K a multiple of 128, N of 64; returns (M, N, K).
+    kname names the reduction dim in messages (K, or T for the TN GEMMs)."""
+    _check_fp8(op, "a", a, 2)
+    _check_fp8(op, "b", b, 2)
+    M, K = a.shape
+    N = b.shape[0]
+    if b.shape[1] != K:
+        raise ValueError(f"dsmoe.{op}: argument 'b' must have {kname}={K} columns like 'a', got shape {tuple(b.shape)}")
+    _check_K(op, "a", K)
+    _check_N(op, "b", N)
+    return M, N, K
+
+
 def _cfg(kind: str, M: int, N: int, K: int, device: torch.device):
     return choose_config(M, N, K, _num_sms(device.index if device.index is not None else torch.cuda.current_device()), kind)
 
@@ -152,14 +160,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scal
     written in full; otherwise a new tensor of ``out_dtype`` is returned.
     """
     op = "fp8_gemm_nt"
-    _check_fp8(op, "a", a, 2)
-    _check_fp8(op, "b", b, 2)
-    M, K = a.shape
-    N = b.shape[0]
-    if b.shape[1] != K:
-        raise ValueError(f"dsmoe.{op}: argument 'b' must have K={K} columns like 'a', got shape {tuple(b.shape)}")
-    _check_K(op, "a", K)
-    _check_N(op, "b", N)
+    M, N, K = _check_2d_pair(op, a, b, "K")
     _check_scales(op, "a_scales", a_scales, (M, K // _BK))
     _check_scales(op, "b_scales", b_scales, (-(-N // _BK), K // _BK))
     C.check_last_dim_contiguous(op, "b_scales", b_scales)
@@ -352,14 +353,7 @@ def _(a, a_scales, b, b_scales, group_sizes, accumulate, out):
 
 
 def _check_tn_operands(op, a, a_scales, b, b_scales):
-    _check_fp8(op, "a", a, 2)
-    _check_fp8(op, "b", b, 2)
-    M, T = a.shape
-    N = b.shape[0]
-    if b.shape[1] != T:
-        raise ValueError(f"dsmoe.{op}: argument 'b' must have T={T} columns (tokens) like 'a', got shape {tuple(b.shape)}")
-    _check_K(op, "a", T)
-    _check_N(op, "b", N)
+    M, N, T = _check_2d_pair(op, a, b, "T")
     _check_scales(op, "a_scales", a_scales, (M, T // _BK))
     _check_scales(op, "b_scales", b_scales, (N, T // _BK))
     return M, N, T
