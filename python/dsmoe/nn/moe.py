@@ -174,10 +174,23 @@ class MoE(nn.Module):
         E, H = cfg.n_routed_experts, cfg.hidden_size
         self.num_experts, self.top_k = E, cfg.num_experts_per_tok
         self.gate = MoEGate(H, E, dtype=dtype)
-        self.experts = GroupedExperts(E, H, cfg.moe_intermediate_size, fp8=fp8, dtype=dtype)
+        self.ep_group, self._ep = ep_group, None
+        local = E
+        if ep_group is not None:
+            # expert parallelism: this rank holds experts [rank * L, (rank + 1) * L) (dsmoe.parallel layout);
+            # the gate and shared experts are replicated.
+            import torch.distributed as dist
+
+            from ..parallel import EPBuffer
+            W = dist.get_world_size(ep_group)
+            if E % W:
+                raise ValueError(f"MoE: n_routed_experts={E} must be divisible by the expert-parallel world size {W}")
+            self._ep = EPBuffer(ep_group, E, H)
+            local = E // W
+            self.ep_rank, self.ep_world = dist.get_rank(ep_group), W
+        self.experts = GroupedExperts(local, H, cfg.moe_intermediate_size, fp8=fp8, dtype=dtype)
         self.shared_experts = (MLP(H, cfg.moe_intermediate_size * cfg.n_shared_experts, fp8=fp8, dtype=dtype)
                                if cfg.n_shared_experts else None)
-        self.ep_group = ep_group
         self.register_buffer("load", torch.zeros(E, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
 
@@ -212,15 +225,24 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def routed(self, x2, idx, w):
+        if self._ep is not None:
+            # dispatch one copy per destination rank, run the local experts on the received rows (weights
+            # of the local slots applied there), combine the partial sums back in rank order.
+            recv_x, ridx, rw, _cnt, handle = self._ep.dispatch(x2, idx, w.to(torch.float32))
+            y_local = self._local_experts(recv_x, ridx, rw, self.experts.num_experts)
+            return self._ep.combine(y_local, handle).to(x2.dtype)
+        return self._local_experts(x2, idx, w.to(torch.float32), self.num_experts).to(x2.dtype)
+
+    def _local_experts(self, x2, idx, w, num_experts):
         max_rows = None
         if torch.compiler.is_compiling():
             # a fixed (worst-case) row count keeps shapes static for torch.compile / CUDA graphs
             from ..ref.moe import moe_permute_max_rows
-            max_rows = moe_permute_max_rows(x2.shape[0], self.top_k, self.num_experts, _BLOCK)
-        out = ops.moe_permute(x2, idx, self.num_experts, alignment=_BLOCK, max_rows=max_rows)
+            max_rows = moe_permute_max_rows(x2.shape[0], self.top_k, num_experts, _BLOCK)
+        out = ops.moe_permute(x2, idx, num_experts, alignment=_BLOCK, max_rows=max_rows)
         x_perm, m_indices, tpe, row_map = out
         y_perm = self.experts(x_perm, m_indices, tpe)
-        return ops.moe_unpermute(y_perm, row_map, w.to(torch.float32)).to(x2.dtype)
+        return ops.moe_unpermute(y_perm, row_map, w)
 
     @torch.no_grad()
     def update_bias(self, gamma: float | None = None) -> torch.Tensor:
