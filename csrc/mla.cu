@@ -1,5 +1,7 @@
 // Host launchers of the MLA decode family: argument checks, then launches. Explicit instantiations:
 // mla_decode_kernel<false> (bf16 cache) and mla_decode_kernel<true> (FP8 656-byte cache), in run_decode.
+#include <atomic>
+
 #include "common.h"
 #include "mla.h"
 #include "dsmoe/mla/append.cuh"
@@ -11,12 +13,24 @@ constexpr const char* kMD = "get_mla_metadata";
 constexpr const char* kDec = "mla_decode_with_kvcache";
 constexpr const char* kApp = "mla_kvcache_append";
 
+// The combine kernel keeps one weight per split (a sequence has at most num_parts splits) in dynamic
+// shared memory; stay within the 48 KB that needs no opt-in.
+constexpr int64_t kMaxParts = 8192;
+
 template <bool kFP8>
 void run_decode(const mla::DecodeParams& p, int m_blocks, cudaStream_t stream) {
   using Smem = typename std::conditional<kFP8, mla::SmemFP8, mla::SmemBF16>::type;
   constexpr int smem = Smem::kTotal + mla::kSmemAlignSlack;
-  // NOTE: the attribute is per device; setting it on every call is cheap and capture-safe.
-  DSMOE_CUDA_CHECK(cudaFuncSetAttribute(mla::mla_decode_kernel<kFP8>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  // The smem opt-in is a per-device function attribute: set it once per device (a bit per device id),
+  // not on every call, so that captured launches make no attribute calls.
+  static std::atomic<uint64_t> attr_set{0};
+  int dev = 0;
+  DSMOE_CUDA_CHECK(cudaGetDevice(&dev));
+  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+  if (bit == 0 || (attr_set.load(std::memory_order_acquire) & bit) == 0) {
+    DSMOE_CUDA_CHECK(cudaFuncSetAttribute(mla::mla_decode_kernel<kFP8>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    attr_set.fetch_or(bit, std::memory_order_acq_rel);
+  }
   dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.num_parts));
   mla::mla_decode_kernel<kFP8><<<grid, mla::kThreads, smem, stream>>>(p);
   check_launch(kFP8 ? "dsmoe::mla_decode_kernel<fp8>" : "dsmoe::mla_decode_kernel<bf16>", stream);
@@ -26,7 +40,7 @@ void run_decode(const mla::DecodeParams& p, int m_blocks, cudaStream_t stream) {
 void launch_mla_get_metadata(uintptr_t seqlens, int64_t B, int64_t num_parts, uintptr_t metadata,
                              uintptr_t num_splits, uintptr_t stream) {
   DSMOE_CHECK_ARG(B >= 0 && B <= (1 << 24), kMD, "cache_seqlens", "batch size must be in [0, 2^24], got ", B);
-  DSMOE_CHECK_ARG(num_parts >= 1 && num_parts <= 65535, kMD, "num_sm_parts", "must be in [1, 65535], got ", num_parts);
+  DSMOE_CHECK_ARG(num_parts >= 1 && num_parts <= kMaxParts, kMD, "num_sm_parts", "must be in [1, ", kMaxParts, "], got ", num_parts);
   mla::MetadataParams p{reinterpret_cast<const int32_t*>(seqlens), reinterpret_cast<int32_t*>(metadata),
                         reinterpret_cast<int32_t*>(num_splits), static_cast<int>(B), static_cast<int>(num_parts)};
   cudaStream_t s = as_stream(stream);
@@ -45,7 +59,10 @@ void launch_mla_decode(uintptr_t q, uintptr_t kv, uintptr_t block_table, uintptr
   DSMOE_CHECK_ARG(rows <= (1 << 20), kDec, "q", "s_q * H = ", rows, " is too large");
   const int64_t m_blocks = (rows + mla::kBlockM - 1) / mla::kBlockM;
   DSMOE_CHECK_ARG(m_blocks <= 65535 * 1024, kDec, "q", "too many query rows: ", rows);
-  DSMOE_CHECK_ARG(num_parts >= 1 && num_parts <= 65535, kDec, "tile_scheduler_metadata", "num_sm_parts must be in [1, 65535], got ", num_parts);
+  DSMOE_CHECK_ARG(num_parts >= 1 && num_parts <= kMaxParts, kDec, "tile_scheduler_metadata", "num_sm_parts (rows) must be in [1, ",
+                  kMaxParts, "], got ", num_parts);
+  // NOTE: checked before any launch (the combine grid's y dimension is B).
+  DSMOE_CHECK_ARG(B <= 65535, kDec, "q", "batch size must be <= 65535 for the combine grid, got ", B);
   DSMOE_CHECK_ARG(max_blocks >= 1, kDec, "block_table", "needs at least one column, got ", max_blocks);
   DSMOE_CHECK_ARG(num_blocks >= 1, kDec, "kv_cache", "needs at least one block, got ", num_blocks);
   DSMOE_CHECK_ARG(is_aligned(q, 16) && q_batch % 8 == 0 && q_token % 8 == 0 && q_head % 8 == 0, kDec, "q",
@@ -82,7 +99,6 @@ void launch_mla_decode(uintptr_t q, uintptr_t kv, uintptr_t block_table, uintptr
 
   // Combine: fixed grid (rows, B); sequences with a single split return at once.
   mla::CombineParams c{p.o_accum, p.lse_accum, p.num_splits, p.out, p.lse, p.s_q, p.H, static_cast<int>(num_parts)};
-  DSMOE_CHECK_ARG(B <= 65535, kDec, "q", "batch size must be <= 65535 for the combine grid, got ", B);
   dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(B));
   // NOTE: a sequence has at most num_parts splits (one per part).
   mla::mla_combine_kernel<<<grid, 128, static_cast<size_t>(num_parts) * sizeof(float), s>>>(c);

@@ -238,6 +238,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
       float s[16];
 #pragma unroll
       for (int i = 0; i < 16; ++i) s[i] = 0.f;
+      // NOTE: fence_regs pins the register writes (this zero-init, the alpha rescale of O below) before
+      // wgmma.fence; otherwise the compiler sinks them past it and ptxas must inject an extra
+      // warpgroup.arrive (C7519) to keep the wgmma register accesses ordered.
+      fence_regs(s);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kQKTiles * 4; ++kk) {
@@ -318,6 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
       __syncthreads();  // P complete (both halves)
 
       // ---- O[:, 256 wg .. +256) += P V; V = K tiles 4 wg .. 4 wg + 3 (tokens are the K dim).
+      fence_regs(o);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {

@@ -13,6 +13,7 @@ the table), but it trusts the ids stored there.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -40,6 +41,15 @@ _DQK = ref.MLA_D_QK
 _DV = ref.MLA_D_V
 _FP8_BYTES = ref.MLA_FP8_BYTES_PER_TOKEN
 _CPU_NUM_SMS = 132  # CPU tensors: schedule as for an H100 SXM (the result does not depend on it)
+_MAX_PARTS = 8192   # split parts (metadata rows) the kernels accept (csrc/mla.cu kMaxParts)
+
+
+def _on_device(t: torch.Tensor):
+    """Makes t's GPU the current device for the launch (the launchers set per-device kernel attributes
+    and launch on the current device); a no-op when it already is."""
+    if t.device.index is None or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def _check_enabled() -> bool:
@@ -105,7 +115,8 @@ def _get_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int) -> tuple[torch
     md = torch.empty((num_sm_parts, ref.MLA_METADATA_FIELDS), dtype=torch.int32, device=cache_seqlens.device)
     ns = torch.empty((B + 1,), dtype=torch.int32, device=cache_seqlens.device)
     launch = _native.require_kernel("get_mla_metadata", "mla_get_metadata")
-    launch(cache_seqlens.data_ptr(), B, num_sm_parts, md.data_ptr(), ns.data_ptr(), _native.stream(cache_seqlens))
+    with _on_device(cache_seqlens):
+        launch(cache_seqlens.data_ptr(), B, num_sm_parts, md.data_ptr(), ns.data_ptr(), _native.stream(cache_seqlens))
     return md, ns
 
 
@@ -136,6 +147,8 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
     if not _is_int(num_sms) or num_sms <= 0:
         raise ValueError(f"dsmoe.{op}: argument 'num_sms' must be a positive int, got {num_sms!r}")
     P = ref.mla_num_sm_parts(num_sms, num_q_tokens_per_head_k, num_heads_k)
+    if P > _MAX_PARTS:
+        raise ValueError(f"dsmoe.{op}: argument 'num_sms': gives {P} split parts, at most {_MAX_PARTS} are supported")
     return torch.ops.dsmoe.get_mla_metadata(cache_seqlens, P)
 
 
@@ -163,13 +176,21 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, 
     if q.data_ptr() % 16 or kv_cache.data_ptr() % 16:
         raise ValueError(f"dsmoe.{op}: arguments 'q' and 'kv_cache' must start at 16-byte aligned addresses")
     launch = _native.require_kernel(op, "mla_decode")
+    with _on_device(q):
+        _launch_decode(launch, q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse,
+                       o_acc, l_acc, P, fp8, softmax_scale, causal)
+    return out, lse
+
+
+def _launch_decode(launch, q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse,
+                   o_acc, l_acc, P, fp8, softmax_scale, causal):
+    B, s_q, H, _ = q.shape
     launch(q.data_ptr(), kv_cache.data_ptr(), block_table.data_ptr(), cache_seqlens.data_ptr(),
            tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(), out.data_ptr(), lse.data_ptr(),
            o_acc.data_ptr(), l_acc.data_ptr(),
            B, s_q, H, kv_cache.shape[0], block_table.shape[1], P,
            q.stride(0), q.stride(1), q.stride(2), block_table.stride(0), kv_cache.stride(0) * kv_cache.element_size(),
            fp8, float(softmax_scale), bool(causal), _native.stream(q))
-    return out, lse
 
 
 @_decode.register_fake
@@ -250,6 +271,14 @@ def _append(kv_cache: torch.Tensor, block_table: torch.Tensor, batch_ids: torch.
     if T == 0:
         return
     launch = _native.require_kernel(op, "mla_kvcache_append")
+    with _on_device(kv_cache):
+        _launch_append(launch, kv_cache, block_table, batch_ids, positions, latent, k_rope, norm_weight, cos, sin, eps,
+                       rope_interleaved, scale_ue8m0)
+
+
+def _launch_append(launch, kv_cache, block_table, batch_ids, positions, latent, k_rope, norm_weight, cos, sin, eps,
+                   rope_interleaved, scale_ue8m0):
+    T = latent.shape[0]
     launch(kv_cache.data_ptr(), block_table.data_ptr(), batch_ids.data_ptr(), positions.data_ptr(),
            latent.data_ptr(), k_rope.data_ptr(), _native.ptr(norm_weight), _native.ptr(cos), _native.ptr(sin),
            T, kv_cache.shape[0], block_table.shape[0], block_table.shape[1], block_table.stride(0),
