@@ -8,7 +8,8 @@ sequence left to right and predicts each next token:
 - ``SEP``, the ``L`` mapped symbols and ``EOS`` are determined by what came before: 0 nats once learned.
 
 Loss floor (mean next-token cross entropy over the ``2L + 2`` predicted positions):
-``L ln S / (2L + 2)``. Task accuracy: greedy generation of the ``L`` mapped symbols from the prompt
+``L ln S / (2L + 2)`` (the depth-1 MTP loss, which predicts one token further: ``(L - 1) ln S / (2L + 1)``).
+Task accuracy: greedy generation of the ``L`` mapped symbols from the prompt
 ``[BOS] a [SEP]`` (per-symbol and whole-sequence exact match). Solving it needs attention at a fixed
 offset (copy) and a lookup (the permutation), which the experts learn.
 """
@@ -47,6 +48,11 @@ class PermutedCopyTask:
     @property
     def loss_floor(self) -> float:
         return self.length * math.log(self.num_symbols) / (2 * self.length + 2)
+
+    @property
+    def mtp_loss_floor(self) -> float:
+        """Floor of the depth-1 MTP loss (predicting the token after next): ``(L - 1) ln S / (2L + 1)``."""
+        return (self.length - 1) * math.log(self.num_symbols) / (2 * self.length + 1)
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``[batch, seq_len]`` int64 sequences."""

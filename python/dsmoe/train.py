@@ -120,7 +120,8 @@ def _plots(hist, task, out_dir, other=None):
         ax.plot(hist["mtp_loss"], label="MTP loss (depth 1)", lw=1, alpha=0.7)
     if other is not None:
         ax.plot(other["lm_loss"], label=f"LM loss ({'FP8' if other['fp8'] else 'BF16'})", lw=1, alpha=0.7)
-    ax.axhline(task.loss_floor, color="k", ls="--", lw=1, label=f"loss floor {task.loss_floor:.3f}")
+    ax.axhline(task.loss_floor, color="k", ls="--", lw=1, label=f"LM loss floor {task.loss_floor:.3f}")
+    ax.axhline(task.mtp_loss_floor, color="gray", ls=":", lw=1, label=f"MTP loss floor {task.mtp_loss_floor:.3f}")
     ax.set_xlabel("step"), ax.set_ylabel("cross entropy (nats)"), ax.set_ylim(0, None)
     ax.legend(), ax.set_title("dsmoe train: permuted-copy task")
     fig.tight_layout()
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["wall_s"] = round(time.time() - t0, 1)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump({**summary, "history": {k: v for k, v in hist.items() if k != "load"}}, f)
-    print(f"task: permuted copy, {task.num_symbols} symbols, length {task.length}; loss floor {task.loss_floor:.4f} nats")
+    print(f"task: permuted copy, {task.num_symbols} symbols, length {task.length}; loss floor {task.loss_floor:.4f} nats "
+          f"(MTP: {task.mtp_loss_floor:.4f})")
     print(f"final train LM loss (mean of last 20 steps): {summary['final_lm_loss_avg20']:.4f}; "
           f"eval LM loss {ev['eval_lm_loss']:.4f}; MTP loss {ev['eval_mtp_loss']:.4f}")
     print(f"greedy sample : {ev['sample']}")
