@@ -68,6 +68,21 @@ def test_route_ties_lowest_index():
     assert idx.tolist() == [[9, 13, 8]] * 3
 
 
+def test_route_nan_group_score_ranks_last():
+    """A group holding +inf and -inf selection scores sums to NaN: it must rank as -inf (torch's sort
+    would put NaN first), on every path."""
+    E = 8
+    logits = torch.zeros(4, E)
+    logits[1, 1] = float("nan")  # row 1: NaN score -> -inf selection score, same as the -inf bias
+    bias = torch.zeros(E)
+    bias[0], bias[1] = float("inf"), float("-inf")  # group 0 = [+inf, -inf] -> NaN group score
+    bias[6] = 0.25  # group 3 is the best finite group
+    idx, w = ops.moe_route(logits, bias, top_k=3, n_group=4, topk_group=2, routed_scaling_factor=1.0)
+    # kept groups: 3 (score 1.25), then 1 (1.0, lowest index among the ties 1, 2); group 0 dropped
+    assert idx.tolist() == [[6, 2, 3]] * 4
+    assert torch.isfinite(w).all()
+
+
 def test_route_negative_biased_scores_use_minus_inf():
     """With every biased score negative, masking with 0 would pick experts from dropped groups."""
     E, G = 16, 4

@@ -42,6 +42,47 @@ def test_route_ties_and_nan_on_gpu():
     assert torch.equal(i.cpu(), ri)
 
 
+def test_route_inf_bias_and_odd_expert_counts_on_gpu():
+    # E not a multiple of 32; a group [+inf, -inf] (NaN group score ranks last); -inf / +inf logits
+    for E, n_group, topk_group, top_k in ((40, 4, 2, 3), (33, 1, 1, 5), (8, 4, 2, 3)):
+        l = _separated_logits(67, E)
+        l[3, :] = float("-inf")
+        l[4, 2] = float("inf")
+        l[5, 0] = float("nan")
+        b = torch.full((E,), -0.7, device="cuda")  # uniform: keeps the logits' separation
+        b[0], b[1] = float("inf"), float("-inf")
+        for sf in ("sigmoid", "softmax"):
+            i, w = ops.moe_route(l, b, top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=1.3,
+                                 score_func=sf)
+            ri, rw = ref.moe_route(l.cpu(), b.cpu(), top_k=top_k, n_group=n_group, topk_group=topk_group,
+                                   routed_scaling_factor=1.3, score_func=sf)
+            rows = [r for r in range(67) if not (sf == "softmax" and r in (3, 4))]  # NaN rows: order unspecified
+            assert torch.equal(i.cpu()[rows], ri[rows])
+            torch.testing.assert_close(w.cpu()[rows], rw[rows], rtol=2e-6, atol=1e-7, equal_nan=True)
+
+
+def test_backward_with_expanded_gradients_gpu():
+    """``.sum().backward()`` hands the custom ops gradients with strides (0, 0): they must not be read
+    as contiguous rows."""
+    T, k, E, H = 37, 3, 9, 24
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32)
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    w = torch.rand(T, k)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        xx = x.to(dev).requires_grad_(True)
+        ww = w.to(dev).requires_grad_(True)
+        xp, m, tpe, rm = ops.moe_permute(xx, idx.to(dev), E, alignment=8)
+        xp.float().sum().backward(retain_graph=True)
+        gx1 = xx.grad.clone()
+        xx.grad = None
+        ops.moe_unpermute(xp, rm, ww).sum().backward()
+        grads.append((gx1.cpu(), xx.grad.cpu(), ww.grad.cpu()))
+    (a1, a2, a3), (b1, b2, b3) = grads
+    assert torch.equal(b1, a1) and torch.equal(b2, a2)
+    torch.testing.assert_close(b3, a3, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("T,k,E,align,H", [(4096, 8, 256, 128, 7168), (999, 6, 64, 128, 384), (37, 3, 7, 16, 40), (0, 8, 16, 128, 128),
                                            (3000, 4, 33, 1, 24)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

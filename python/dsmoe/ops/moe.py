@@ -160,6 +160,22 @@ def _(topk_idx, num_experts, alignment, max_rows):
             topk_idx.new_empty(T, k, dtype=torch.int32))
 
 
+def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows as ``base + r * stride(0) + h``: they need ``stride(-1) == 1``.
+
+    NOTE: gradients reaching the custom ops directly (autograd backward) can be expanded views, e.g.
+    ``y.sum().backward()`` hands over strides (0, 0); those are copied here instead of read out of bounds."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``_unit_stride_rows`` plus 16-byte aligned data pointer and row pitch (the FP8 kernel's vector loads)."""
+    t = _unit_stride_rows(t)
+    if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        t = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+    return t
+
+
 def _launch_scatter(x, row_map, weights, out, m_indices):
     T, k = row_map.shape
     launch = _native.require_kernel("moe_permute", "moe_scatter_rows")
@@ -179,6 +195,9 @@ def _scatter(x: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor | Non
         return out
     if m_indices is None:
         out.zero_()
+    else:
+        m_indices = m_indices.contiguous()
+    x = _unit_stride_rows(x)
     _launch_scatter(x, row_map.contiguous(), None if weights is None else weights.float().contiguous(), out, m_indices)
     return out
 
@@ -227,6 +246,7 @@ def _scatter_fp8(x: torch.Tensor, row_map: torch.Tensor, m_indices: torch.Tensor
     if R == 0:
         return q, s
     T, k = row_map.shape
+    x, row_map, m_indices = _aligned_rows(x), row_map.contiguous(), m_indices.contiguous()
     launch = _native.require_kernel("moe_permute", "moe_scatter_rows_fp8")
     launch(x.data_ptr(), _native.DTYPE_CODES[x.dtype], row_map.data_ptr(), m_indices.data_ptr(), q.data_ptr(),
            s.data_ptr(), T, k, H, x.stride(0), R, _native.stream(x))
@@ -249,6 +269,7 @@ def _unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, weights: torch.Tenso
     if out.numel() == 0:
         return out
     launch = _native.require_kernel("moe_unpermute", "moe_unpermute")
+    y_perm = _unit_stride_rows(y_perm)
     rm = row_map.contiguous()
     w = None if weights is None else weights.float().contiguous()
     launch(y_perm.data_ptr(), _native.DTYPE_CODES[y_perm.dtype], rm.data_ptr(), _native.ptr(w), out.data_ptr(),
@@ -338,6 +359,8 @@ def moe_unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, topk_weights: tor
         C.check_shape(op, "topk_weights", topk_weights, tuple(row_map.shape))
         named["topk_weights"] = topk_weights
     C.check_same_device(op, named)
+    if y_perm.device.type == "cuda" and y_perm.dtype == torch.float64:
+        raise TypeError(f"dsmoe.{op}: argument 'y_perm': float64 is CPU-only, got a CUDA float64 tensor")
     if row_map.numel() and _eager():
         lo, hi = int(row_map.min()), int(row_map.max())
         if lo < -1 or hi >= y_perm.shape[0]:

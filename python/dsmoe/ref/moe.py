@@ -6,8 +6,9 @@ Routing (DeepSeek-V3 gate, see docs/moe.md):
 - group score = sum of the top-2 of ``c`` inside each of ``n_group`` equal groups (top-1 if a group has
   one expert); the ``topk_group`` best groups are kept, every expert of another group gets ``-inf``.
 - ``topk_idx`` = the ``top_k`` largest masked ``c``, in descending order; ties go to the lowest index
-  (groups too). ``topk_weights = s[topk_idx]`` (unbiased), optionally divided by
-  ``(w_0 + w_1 + ... + w_{k-1}) + 1e-20`` summed left to right, then times ``routed_scaling_factor``.
+  (groups too); a NaN group score (``inf + -inf``) ranks as ``-inf``.
+  ``topk_weights = s[topk_idx]`` (unbiased), optionally divided by ``(w_0 + w_1 + ... + w_{k-1}) + 1e-20``
+  summed left to right, then times ``routed_scaling_factor``.
 
 Permutation (the contiguous grouped-GEMM layout): the (token, slot) pairs are grouped by expert;
 inside an expert, rows follow the token index, then the slot. Each expert's segment starts at a multiple
@@ -63,6 +64,8 @@ def moe_route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: 
         grouped = c.view(T, n_group, G)
         top2 = torch.sort(grouped, dim=-1, descending=True, stable=True).values[..., : min(2, G)]
         gscore = top2[..., 0] + top2[..., 1] if G >= 2 else top2[..., 0]
+        # NOTE: +inf + -inf (an infinite bias beside masked scores) is NaN: it ranks as -inf, like c.
+        gscore = torch.where(torch.isnan(gscore), torch.full_like(gscore, float("-inf")), gscore)
         keep_groups = _desc_order(gscore)[:, :topk_group]
         gmask = torch.zeros(T, n_group, dtype=torch.bool, device=c.device)
         gmask.scatter_(1, keep_groups, True)
