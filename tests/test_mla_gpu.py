@@ -171,3 +171,68 @@ def test_torch_compile_cuda():
     o1, l1 = torch.compile(step, fullgraph=True)(q, cache, bt, cs)
     o2, l2 = step(q, cache, bt, cs)
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
+def _one_hot_case(seqlens, s_q, H, causal, fp8, num_sms, seed):
+    """q row r (= i_q * H + h) has a single non-zero, 2048 at rope dim r % 64; cache token tau[b][m] has
+    1 at rope dim m and every other token 0 there, and (causal) the last token has 2 there. Each row's
+    softmax is then exactly one-hot (score gaps >= 277 natural units: exp underflows to 0, the max gives
+    exp(0) = 1), so out must equal one cache row bit for bit. A wrong wgmma descriptor (the MN-major V
+    operand, the K-major Q/K/P operands), swizzle, accumulator row/column mapping, causal mask, page
+    order or split combine moves or mixes rows and breaks the equality."""
+    gen = torch.Generator().manual_seed(seed)
+    _, bt, cs, kv = make_paged_cache(seqlens, gen=gen)
+    B = len(seqlens)
+    rows = s_q * H
+    expect_tok = torch.full((B, s_q, H), -1, dtype=torch.long)
+    for b, n in enumerate(seqlens):
+        if n == 0:
+            continue
+        toks = [(t // 64, t % 64) for t in range(n)]
+        for blk, slot in toks:  # rope dims: zero for every real token, then the markers
+            kv[int(bt[b, blk]), slot, 0, 512:] = 0
+        hi = n - s_q + 1 if causal else n
+        tau = torch.randint(0, hi, (64,), generator=gen)
+        for m in range(64):
+            t = int(tau[m])
+            kv[int(bt[b, t // 64]), t % 64, 0, 512 + m] = 1
+            if causal:
+                kv[int(bt[b, (n - 1) // 64]), (n - 1) % 64, 0, 512 + m] = 2
+        for r in range(rows):
+            iq, h = divmod(r, H)
+            see_last = not causal or iq == s_q - 1
+            expect_tok[b, iq, h] = n - 1 if causal and see_last else int(tau[r % 64])
+    q = torch.zeros(B, s_q, H, 576, dtype=torch.bfloat16)
+    for r in range(rows):
+        iq, h = divmod(r, H)
+        q[:, iq, h, 512 + r % 64] = 2048.0
+    if fp8:
+        cache = ref.quantize_mla_kvcache_fp8(torch.nan_to_num(kv.float(), nan=0.0).bfloat16())
+        cache.view(torch.uint8)[torch.isnan(kv.float()).any(-1)] = 0x7F
+        vals = ref.dequantize_mla_kvcache_fp8(cache)
+    else:
+        cache, vals = kv, kv
+    md, ns = ops.get_mla_metadata(cs.cuda(), rows, 1, num_sms=num_sms)
+    out, lse = ops.mla_decode_with_kvcache(q.cuda(), cache.cuda(), bt.cuda(), cs.cuda(), 512, md, ns, SCALE, causal)
+    want = torch.zeros(B, s_q, H, 512, dtype=torch.bfloat16)
+    for b in range(B):
+        for iq in range(s_q):
+            for h in range(H):
+                t = int(expect_tok[b, iq, h])
+                if t >= 0:
+                    want[b, iq, h] = vals[int(bt[b, t // 64]), t % 64, 0, :512]
+    r_out, r_lse = ref.mla_decode_with_kvcache(q, cache, bt, cs, 512, SCALE, causal)
+    return out.cpu(), lse.cpu(), want, r_out, r_lse, int(ns[-1].item())
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("s_q,H,causal", [(1, 64, False), (1, 128, False), (2, 32, True), (4, 3, True), (2, 63, False)])
+@pytest.mark.parametrize("num_sms", [1, 132])
+def test_decode_one_hot_rows_exact(fp8, s_q, H, causal, num_sms):
+    seqlens = [200, 0, 64, 7, 1000, 65] if not causal else [200, 0, 64, 7, 1000, 4]
+    out, lse, want, r_out, r_lse, n_splits = _one_hot_case(seqlens, s_q, H, causal, fp8, num_sms, seed=s_q * 1000 + H)
+    if num_sms == 132:
+        assert n_splits > len(seqlens), "the case must exercise split-KV + combine"
+    assert torch.equal(out, want), f"rows differ: {int((out != want).any(-1).sum())} of {out.shape[:3].numel()}"
+    assert torch.equal(r_out, want), "the reference itself must be one-hot here"
+    assert lse_close(lse, r_lse, 1e-5)
