@@ -4,10 +4,14 @@ Metrics (issue 3): cosine diff ``1 - 2Σxy/Σ(x²+y²)`` < 1e-5 and norm-relativ
 poisoned with NaN before each run; padding / masked rows must stay NaN; bitwise-identical reruns;
 CUDA-graph capture with device-side sizes changed between replays.
 """
+import faulthandler
+
 import pytest
 import torch
 
+import dsmoe.ops.gemm as gemm_ops
 from dsmoe import ops, ref
+from dsmoe.gemm_config import GemmConfig, smem_bytes
 from util import calc_diff, digest, poison, rel_err, same_bits_nan_aware
 
 pytestmark = pytest.mark.gpu
@@ -31,6 +35,15 @@ def weights(G, N, K):
     w = torch.randn(G, N, K, device=DEV)
     qs = [ops.per_block_quant_fp8(w[g]) for g in range(G)]
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+
+@pytest.fixture(autouse=True)
+def _hang_guard():
+    """A barrier-phase or schedule mismatch between the producer and the consumers hangs the kernel:
+    turn that into a failure (traceback, process exit) instead of a stuck run."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def check(d, want):
@@ -214,3 +227,105 @@ def test_torch_compile_cuda():
     qb, sb = ops.per_block_quant_fp8(torch.randn(256, 512, device=DEV))
     f = torch.compile(lambda a, s: ops.fp8_gemm_nt(a, s, qb, sb).float() * 2, fullgraph=True)
     assert torch.equal(f(qa, sa), ops.fp8_gemm_nt(qa, sa, qb, sb).float() * 2)
+
+
+def force_config(monkeypatch, block_m, num_stages, num_ctas, raster_group_n):
+    """Makes every GEMM op run with this configuration instead of the heuristic's."""
+    def cfg(kind, M, N, K, device):
+        return GemmConfig(kind, block_m, 128, num_stages, num_ctas, raster_group_n,
+                          smem_bytes(kind, block_m, 128, num_stages))
+    monkeypatch.setattr(gemm_ops, "_cfg", cfg)
+
+
+# (num_ctas, raster_group_n, num_stages): one CTA walking every tile; grids that do not divide the tile
+# count; raster groups of 1, 3 (not dividing the n-blocks) and 8 (wider than them); the smallest stage
+# rings, so the ring wraps inside a tile (9 K blocks) and the barrier parities flip many times per CTA.
+SCHEDULES = [(1, 1, 2), (3, 3, 3), (5, 8, 2), (2, 2, 5)]
+
+
+@pytest.mark.parametrize("num_ctas,raster,stages", SCHEDULES)
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_dense_any_schedule(monkeypatch, num_ctas, raster, stages, block_m):
+    """Producer and consumers walk the persistent schedule independently: any grid size, raster width
+    and stage count must give the same correct result (a mismatch hangs or corrupts tiles)."""
+    M, N, K = 300, 640, 9 * 128
+    qa, sa = q_act(torch.randn(M, K, device=DEV))
+    qb, sb = ops.per_block_quant_fp8(torch.randn(N, K, device=DEV))
+    want = deq_a(qa, sa) @ deq_b(qb, sb).t()
+    force_config(monkeypatch, block_m, stages, num_ctas, raster)
+    out = poison((M, N), torch.float32, DEV)
+    ops.fp8_gemm_nt(qa, sa, qb, sb, out=out)
+    check(out, want)
+
+
+@pytest.mark.parametrize("num_ctas,raster,stages", SCHEDULES)
+def test_grouped_any_schedule(monkeypatch, num_ctas, raster, stages):
+    """The grouped walks (contiguous: skipped padding blocks; masked: per-group m-blocks with empty
+    groups; k-grouped: per-group K ranges with empty groups) under small grids and stage rings. N = 192
+    makes the last n-block of a group read the next group's B rows (never written out)."""
+    N, K = 192, 9 * 128
+    force_config(monkeypatch, 128, stages, num_ctas, raster)
+    # contiguous
+    sizes = [0, 129, 1, 0, 256, 5]
+    qa, sa, idx = make_contiguous(sizes, K)
+    qb, sb = weights(len(sizes), N, K)
+    out = poison((qa.shape[0], N), torch.bfloat16, DEV)
+    ops.m_grouped_fp8_gemm_nt_contiguous(qa, sa, qb, sb, idx, out=out)
+    assert torch.isnan(out[idx < 0]).all()
+    A = deq_a(qa, sa)
+    for g in range(len(sizes)):
+        rows = (idx == g).nonzero().squeeze(1)
+        if rows.numel():
+            check(out[rows], A[rows] @ deq_b(qb[g], sb[g]).t())
+    # masked
+    G, M_max = 6, 200
+    qa, sa = q_act(torch.randn(G, M_max, K, device=DEV))
+    qb, sb = weights(G, N, K)
+    masked = torch.tensor([0, 200, 1, 129, 0, 64], dtype=torch.int32, device=DEV)
+    out = poison((G, M_max, N), torch.bfloat16, DEV)
+    ops.m_grouped_fp8_gemm_nt_masked(qa, sa, qb, sb, masked, 100, out=out)
+    for g, m in enumerate(masked.tolist()):
+        assert torch.isnan(out[g, m:]).all()
+        if m:
+            check(out[g, :m], deq_a(qa[g, :m], sa[g, :m]) @ deq_b(qb[g], sb[g]).t())
+    # k-grouped
+    gsz = [0, 384, 128, 0, 640]
+    T, M = sum(gsz), 200
+    qa, sa = ops.per_token_group_quant_fp8_transposed(torch.randn(T, M, device=DEV))
+    qb, sb = ops.per_token_group_quant_fp8_transposed(torch.randn(T, N, device=DEV))
+    out = poison((len(gsz), M, N), torch.float32, DEV)
+    ops.k_grouped_fp8_gemm_tn_contiguous(qa, sa, qb, sb, torch.tensor(gsz, dtype=torch.int32, device=DEV), out=out)
+    Aq, Bq = deq_a(qa, sa), deq_a(qb, sb)
+    t0 = 0
+    for g, tg in enumerate(gsz):
+        if tg:
+            check(out[g], Aq[:, t0:t0 + tg] @ Bq[:, t0:t0 + tg].t())
+        else:
+            assert (out[g] == 0).all()
+        t0 += tg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_transposed_quant_special_values_bit_identical(dtype, ue8m0):
+    """Every input dtype and scale format, with the special cases of the specification in distinct
+    128-token groups of distinct columns: NaN (scale NaN, bytes 0x7f), +-inf (scale inf, inf -> 0x7f,
+    finite -> +-0), an all-zero group (floor scale, zero bytes), tiny negative values (fp32: subnormal inputs,
+    quantized to -0 unless flushed), a tail group
+    padded with zero tokens (T = 300) and K not a multiple of 4 or 64."""
+    T, K = 300, 67
+    x = (torch.randn(T, K, device=DEV) * 5).to(dtype)
+    x[3, 0] = float("nan")
+    x[130, 1] = float("inf")
+    x[131, 1] = -float("inf")
+    x[257, 2] = -float("inf")
+    x[:128, 3] = 0
+    tiny = torch.finfo(dtype).tiny / (8 if dtype == torch.float32 else 1)
+    x[128:256, 4] = -tiny * torch.arange(1, 129, device=DEV).to(dtype)
+    x[:, 5] = -x[:, 5].abs()
+    q, s = ops.per_token_group_quant_fp8_transposed(x, scale_ue8m0=ue8m0)
+    rq, rs = ref.per_token_group_quant_fp8_transposed(x.cpu(), scale_ue8m0=ue8m0)
+    assert q.shape == (K, 384) and s.shape == (K, 3)
+    assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
+    assert same_bits_nan_aware(s, rs)
+    assert (q[:, T:].view(torch.uint8) == 0).all(), "padding tokens must quantize to zero bytes"

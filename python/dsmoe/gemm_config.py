@@ -34,8 +34,8 @@ BLOCK_K = 128
 # Opt-in shared memory per block on sm_90 (227 KiB).
 SMEM_LIMIT = 232448
 MAX_STAGES = 8
-# Number of n-blocks one rasterization group spans (tiles of a group walk M fastest, so the CTAs that
-# run at the same time share B tiles and A tiles in L2).
+# Number of n-blocks one rasterization group spans (inside a group consecutive tiles step through its
+# n-blocks, then the next m-block, so the CTAs that run at the same time share A and B tiles in L2).
 RASTER_GROUP_N = 8
 
 

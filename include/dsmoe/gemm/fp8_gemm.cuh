@@ -14,7 +14,9 @@
 //                          the K loop, predicated stores straight from registers (rows past the valid
 //                          range, padding rows and masked rows are never written).
 // Tile order: a static persistent schedule, tile t = blockIdx.x + i * gridDim.x, rasterized in groups
-// of `raster_group_n` n-blocks walking M fastest, so concurrently running CTAs share A and B in L2.
+// of `raster_group_n` n-blocks: inside a group consecutive tiles step through its n-blocks, then move
+// to the next m-block, so the CTAs running at the same time share a few A row-blocks and at most
+// `raster_group_n` B column-blocks in L2.
 // Producer and consumers walk the same schedule independently (it is a pure function of the params and
 // of the device-side index arrays, which nothing writes during the kernel).
 #pragma once
@@ -32,8 +34,11 @@ constexpr int kBlockK = 128;     // K per stage = the promotion interval = the s
 constexpr int kWgmmaK = 32;      // K of one e4m3 wgmma
 constexpr int kWgmmaN = 128;     // N of one wgmma (= BN: one instruction per consumer per k32)
 constexpr int kProducerRegs = 40;
-// 2 consumers: 128 * 40 + 256 * 232 = 64512 <= 65536 registers. 1 consumer: a strict increase over
-// the 232 ptxas allocates for a 256-thread CTA.
+// 2 consumers: the CTA launches with 168 registers per thread (65536 / 384, rounded down to 8); the
+// producer's release (128 x (168 - 40)) is exactly the consumers' increase (256 x (232 - 168)), and
+// 128 * 40 + 256 * 232 = 64512 <= 65536. 1 consumer: ptxas launches the 256-thread CTA with 240, so
+// the increase to 240 requests no register (GPU-unverified: equal to the launch count) and the release is
+// unused.
 template <int kConsumers>
 constexpr int kConsumerRegs = kConsumers == 2 ? 232 : 240;
 
