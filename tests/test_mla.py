@@ -301,6 +301,11 @@ def test_metadata_bad_inputs():
         ops.get_mla_metadata(cs, 16, 2)
     with pytest.raises(ValueError, match="num_q_tokens_per_head_k"):
         ops.get_mla_metadata(cs, 0)
+    # the kernels accept at most 8192 split parts (combine weights in <= 48 KB of shared memory)
+    with pytest.raises(ValueError, match="argument 'num_sms': gives 8193 split parts, at most 8192"):
+        ops.get_mla_metadata(cs, 16, num_sms=8193)
+    md, ns = ops.get_mla_metadata(cs, 16, num_sms=8192)
+    assert md.shape == (8192, 8) and int(ns[-1]) >= 2
 
 
 def test_append_bad_inputs():
