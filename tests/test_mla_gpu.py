@@ -236,3 +236,23 @@ def test_decode_one_hot_rows_exact(fp8, s_q, H, causal, num_sms):
     assert torch.equal(out, want), f"rows differ: {int((out != want).any(-1).sum())} of {out.shape[:3].numel()}"
     assert torch.equal(r_out, want), "the reference itself must be one-hot here"
     assert lse_close(lse, r_lse, 1e-5)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_append_unfused_special_values_bit_exact(fp8):
+    """Unfused append is a bit copy (bf16) or the reference quantization (FP8) for every input: NaN with
+    payloads of either sign, +-inf, -0.0, denormals, in the latent and the rope part."""
+    seqlens_after = [70, 3]
+    cache, bt, cs, kv = make_paged_cache(seqlens_after, fp8=fp8, device="cuda")
+    cache_ref = cache.cpu().clone()
+    bids = torch.tensor([0, 0, 1], dtype=torch.int32)
+    pos = torch.tensor([68, 69, 2], dtype=torch.int32)
+    lat = torch.randn(3, 512).bfloat16()
+    kr = torch.randn(3, 64).bfloat16()
+    special = torch.tensor([0x7FC0, 0xFFC1, 0x7F81, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x8003], dtype=torch.int32).to(torch.int16)
+    lat.view(torch.int16)[0, 5:13] = special          # group 0 of token 0 holds NaN
+    lat.view(torch.int16)[1, 300:304] = special[3:7]   # group 2 of token 1: +-inf, -0, denormal
+    kr.view(torch.int16)[2, 10:18] = special
+    ops.mla_kvcache_append(cache, bt, bids.cuda(), pos.cuda(), lat.cuda(), kr.cuda())
+    ops.mla_kvcache_append(cache_ref, bt.cpu(), bids, pos, lat, kr)
+    assert torch.equal(cache.cpu().view(torch.uint8), cache_ref.view(torch.uint8))

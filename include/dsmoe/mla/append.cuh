@@ -68,19 +68,28 @@ __global__ void __launch_bounds__(128) mla_append_kernel(const __grid_constant__
     a = ra;
     c = rc;
   }
-  const __nv_bfloat16 ba = __float2bfloat16_rn(a), bc = __float2bfloat16_rn(c);
+  // NOTE: without RoPE the input bits are stored as they are (a NaN keeps its payload, as in the
+  // reference's tensor copy; a float round trip would canonicalize it).
+  const __nv_bfloat16 ba = p.cos != nullptr ? __float2bfloat16_rn(a) : kr[i0];
+  const __nv_bfloat16 bc = p.cos != nullptr ? __float2bfloat16_rn(c) : kr[i1];
 
   uint8_t* tok = p.kv + page * p.kv_block_bytes + slot * (p.fp8 ? 656 : 1152);
   if (!p.fp8) {
-    uint32_t packed[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      __nv_bfloat162 h = __floats2bfloat162_rn(x[2 * k], x[2 * k + 1]);
-      packed[k] = *reinterpret_cast<uint32_t*>(&h);
-    }
     uint4* dst = reinterpret_cast<uint4*>(tok + lane * 32);
-    dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+    if (p.norm_weight == nullptr) {  // unfused: a bit copy (NaN payloads included), like the reference
+      const uint4* src = reinterpret_cast<const uint4*>(p.latent + warp * p.latent_stride + lane * 16);
+      dst[0] = src[0];
+      dst[1] = src[1];
+    } else {
+      uint32_t packed[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(x[2 * k], x[2 * k + 1]);
+        packed[k] = *reinterpret_cast<uint32_t*>(&h);
+      }
+      dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+    }
     __nv_bfloat16* rope = reinterpret_cast<__nv_bfloat16*>(tok + 1024);
     rope[i0] = ba;
     rope[i1] = bc;
