@@ -209,7 +209,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
         const uint8_t* raw = smem + Smem::kRaw + stage * kPage * 512 + tok * 512 + g * 128;
         const bool ok = blk * kPage + tok < seqlen;
 #pragma unroll 1
-        for (int j = 0; j < 8; ++j) {  // NOTE: not unrolled: the 128 O accumulators leave few registers
+        for (int j0 = 0; j0 < 8; ++j0) {  // NOTE: not unrolled: the 128 O accumulators leave few registers
+          // NOTE: chunk order rotated by g and token parity so that the 8 threads of each 128-bit shared
+          // access phase hit 8 different 16-byte bank groups (in order: 8-way read, 4-way write conflicts).
+          const int j = (j0 + g + 4 * (tok & 1)) & 7;
           uint4 v = *reinterpret_cast<const uint4*>(raw + j * 16);
           const uint8_t* e = reinterpret_cast<const uint8_t*>(&v);
           uint32_t packed[8];
