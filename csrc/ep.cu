@@ -15,6 +15,9 @@ uintptr_t ep_alloc(int64_t bytes) {
   void* p = nullptr;
   DSMOE_CUDA_CHECK(cudaMalloc(&p, static_cast<size_t>(bytes)));
   DSMOE_CUDA_CHECK(cudaMemset(p, 0, static_cast<size_t>(bytes)));
+  // NOTE: peers write into this buffer as soon as they have its IPC handle; the zeroing (flags, epochs)
+  // must be complete before the handle leaves this process.
+  DSMOE_CUDA_CHECK(cudaDeviceSynchronize());
   return reinterpret_cast<uintptr_t>(p);
 }
 
@@ -43,8 +46,8 @@ int ep_max_ranks() { return ep::kMaxRanks; }
 void launch_ep_copy_rows(uintptr_t src, uintptr_t dest_rank, uintptr_t dest_row, uintptr_t counts,
                          const std::vector<uintptr_t>& peer_data, const std::vector<uintptr_t>& peer_counts,
                          const std::vector<uintptr_t>& peer_flags, uintptr_t epoch, uintptr_t done_blocks, int64_t n,
-                         int64_t src_row_bytes, int64_t row_bytes, int64_t max_rows, int rank, int world, int fanout,
-                         int num_sms, uintptr_t stream) {
+                         int64_t src_row_bytes, int64_t row_bytes, int64_t dst_pitch, int64_t max_rows, int rank, int world,
+                         int fanout, int num_sms, uintptr_t stream) {
   DSMOE_CHECK_ARG(world >= 1 && world <= ep::kMaxRanks, kOp, "group", "world size must be in [1, ", ep::kMaxRanks,
                   "] for the nvlink backend, got ", world);
   DSMOE_CHECK_ARG(rank >= 0 && rank < world, kOp, "rank", "must be in [0, ", world, "), got ", rank);
@@ -53,6 +56,11 @@ void launch_ep_copy_rows(uintptr_t src, uintptr_t dest_rank, uintptr_t dest_row,
                   kOp, "peers", "need one pointer per rank (", world, ")");
   DSMOE_CHECK_ARG(row_bytes > 0 && row_bytes % 16 == 0 && src_row_bytes % 16 == 0 && is_aligned(src, 16), kOp, "x",
                   "rows must be 16-byte multiples and aligned, got row_bytes=", row_bytes, " src_row_bytes=", src_row_bytes);
+  DSMOE_CHECK_ARG(src_row_bytes >= row_bytes, kOp, "x", "source rows (", src_row_bytes, " bytes) are shorter than the ",
+                  row_bytes, " bytes copied per row");
+  DSMOE_CHECK_ARG(dst_pitch >= row_bytes && dst_pitch % 16 == 0, kOp, "dst_pitch",
+                  "must be a multiple of 16 and >= row_bytes=", row_bytes, ", got ", dst_pitch);
+  DSMOE_CHECK_ARG(n >= 0 && max_rows >= 0, kOp, "n", "negative sizes n=", n, " max_rows=", max_rows);
   DSMOE_CHECK_ARG(fanout >= 1, kOp, "fanout", "must be >= 1, got ", fanout);
   DSMOE_CHECK_ARG(num_sms >= 1, kOp, "num_sms", "must be >= 1, got ", num_sms);
   ep::CopyParams p{};
@@ -68,7 +76,7 @@ void launch_ep_copy_rows(uintptr_t src, uintptr_t dest_rank, uintptr_t dest_row,
   }
   p.epoch = reinterpret_cast<const unsigned long long*>(epoch);
   p.done_blocks = reinterpret_cast<unsigned int*>(done_blocks);
-  p.n = n; p.src_row_bytes = src_row_bytes; p.row_bytes = row_bytes; p.max_rows = max_rows;
+  p.n = n; p.src_row_bytes = src_row_bytes; p.row_bytes = row_bytes; p.dst_pitch = dst_pitch; p.max_rows = max_rows;
   p.rank = rank; p.world = world; p.fanout = fanout;
   // NOTE: the grid is the SM budget (at least one block so the signal is always sent, even for n = 0).
   const int64_t want = (n + 7) / 8;
@@ -81,11 +89,9 @@ void launch_ep_copy_rows(uintptr_t src, uintptr_t dest_rank, uintptr_t dest_row,
 void launch_ep_wait(uintptr_t flags, uintptr_t epoch, uintptr_t error, int world, double timeout_s, uintptr_t stream) {
   DSMOE_CHECK_ARG(world >= 1 && world <= 32, kOp, "group", "world size must be in [1, 32], got ", world);
   DSMOE_CHECK_ARG(timeout_s > 0, kOp, "timeout", "must be positive, got ", timeout_s);
-  int dev = 0, khz = 0;
-  DSMOE_CUDA_CHECK(cudaGetDevice(&dev));
-  DSMOE_CUDA_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev));
+  DSMOE_CHECK_ARG(timeout_s < 1e9, kOp, "timeout", "must be < 1e9 seconds, got ", timeout_s);
   ep::WaitParams p{reinterpret_cast<const unsigned long long*>(flags), reinterpret_cast<unsigned long long*>(epoch),
-                   reinterpret_cast<int*>(error), static_cast<long long>(timeout_s * khz * 1e3), world};
+                   reinterpret_cast<int*>(error), static_cast<unsigned long long>(timeout_s * 1e9), world};
   cudaStream_t s = as_stream(stream);
   ep::wait_peers_kernel<<<1, 32, 0, s>>>(p);
   check_launch("dsmoe::ep::wait_peers_kernel", s);

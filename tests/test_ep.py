@@ -231,3 +231,33 @@ def test_layout_single_process():
                                 [False, False, True, True]]
     assert ntr.tolist() == [2, 1, 2, 1]
     assert nte.tolist() == [1, 1, 1, 1, 1, 1, 1, 1]
+
+
+def test_layout_matches_loop_random():
+    g = torch.Generator().manual_seed(7)
+    T, k, E, W = 41, 5, 24, 3
+    idx = torch.randint(-1, E, (T, k), generator=g)
+    ntr, nte, in_rank = get_dispatch_layout(idx, E, W)
+    L = E // W
+    exp_in = [[any(int(e) >= 0 and int(e) // L == r for e in idx[t]) for r in range(W)] for t in range(T)]
+    assert in_rank.tolist() == exp_in
+    assert ntr.tolist() == [sum(row[r] for row in exp_in) for r in range(W)]
+    assert nte.tolist() == [int((idx == e).sum()) for e in range(E)]
+    assert ntr.dtype == nte.dtype == torch.int32
+
+
+def test_nvlink_owner_weight_grad_matches_masked_sum():
+    """The nvlink backward takes slot j's weight gradient from the rank owning expert topk_idx[t, j]; the
+    collective backend sums the gradients of every rank masked to its local slots. Same numbers."""
+    from dsmoe.parallel.nvlink import owner_weight_grad
+    g = torch.Generator().manual_seed(3)
+    W, T, k, L = 4, 29, 6, 5
+    idx = torch.randint(-1, W * L, (T, k), generator=g)
+    per_rank = torch.randn(W, T, k, generator=g)
+    dw = owner_weight_grad(per_rank, idx, L)
+    expect = torch.zeros(T, k)
+    for r in range(W):
+        local = (idx >= 0) & (idx // L == r)
+        expect += torch.where(local, per_rank[r], torch.zeros(()))
+    assert torch.equal(dw, expect)
+    assert owner_weight_grad(per_rank[:, :0], idx[:0], L).shape == (0, k)

@@ -68,7 +68,45 @@ def _worker(rank, world, port, graph_safe):
             oc = co.combine((b.float() * 2).bfloat16(), hb)
             oc.float().sum().backward()
             assert torch.equal(xg.grad.cpu(), xc.grad)
-        nv._nvlink.close()
+            # topk_weights gradients through the nvlink transport match the collective backend
+            wg = w.cuda().requires_grad_(True)
+            wc = w.clone().requires_grad_(True)
+            G = torch.randn(T, H, generator=g)
+            for buf, xx, ii, ww, GG in ((nv, x.cuda(), idx.cuda(), wg, G.cuda()), (co, x, idx, wc, G)):
+                a, _, aw, _, ha = buf.dispatch(xx, ii, ww)
+                o = buf.combine((a.float() * (aw * torch.arange(1, k + 1, device=aw.device)).sum(1, keepdim=True)).bfloat16(), ha)
+                (o.float() * GG).sum().backward()
+            torch.testing.assert_close(wg.grad.cpu(), wc.grad, rtol=1e-4, atol=1e-4)
+            assert (wc.grad[idx < 0] == 0).all() and (wg.grad.cpu()[idx < 0] == 0).all()
+            # two dispatches in a row (an empty exchange is inserted so the second cannot overwrite rows a
+            # peer has not read out yet), with different data: both results exact
+            x2 = x.clone()
+            x2[:, 2:] = -x2[:, 2:]
+            r1 = nv.dispatch(x.cuda(), idx.cuda(), w.cuda())
+            r2 = nv.dispatch(x2.cuda(), idx.cuda(), w.cuda())
+            assert torch.equal(r1[0].cpu(), cx) and torch.equal(r2[0].cpu(), co.dispatch(x2, idx, w)[0])
+            nv.combine(r2[0], r2[4])
+        else:
+            # CUDA graph capture of dispatch + combine (no host sync), replayed: same output
+            xs, ids, ws = x.cuda(), idx.cuda(), w.cuda()
+
+            def step():
+                a, _, aw, _, ha = nv.dispatch(xs, ids, ws)
+                return nv.combine((aw.sum(1, keepdim=True) * a.float()).bfloat16(), ha)
+
+            expect = step()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got = step()
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(got, expect) and torch.equal(got.cpu(), outc)
+            nv._nvlink.check_error()
+        nv.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            nv.dispatch(x.cuda(), idx.cuda(), w.cuda())
     finally:
         dist.destroy_process_group()
 

@@ -13,12 +13,12 @@ struct CopyParams {
   const int* __restrict__ dest_rank;   // [n] destination rank of row i (-1: skip)
   const int* __restrict__ dest_row;    // [n] row index inside the destination's region for this rank
   const int* __restrict__ counts;      // [W] rows this rank sends to each destination (published to peers)
-  uint8_t* peer_data[kMaxRanks];       // each peer's data region: [W sources][max_rows][row_bytes]
+  uint8_t* peer_data[kMaxRanks];       // each peer's data region: [W sources][max_rows][dst_pitch bytes]
   int* peer_counts[kMaxRanks];         // each peer's counts [W] (slot `rank` is ours)
   unsigned long long* peer_flags[kMaxRanks];  // each peer's flags [W] (slot `rank` is ours)
   const unsigned long long* epoch;     // local epoch counter (advanced by the wait kernel)
   unsigned int* done_blocks;           // local counter of finished blocks (reset by the last one)
-  int64_t n, src_row_bytes, row_bytes, max_rows;
+  int64_t n, src_row_bytes, row_bytes, dst_pitch, max_rows;  // row_bytes copied per row (<= dst_pitch)
   int rank, world;
   int fanout;                          // entry i copies local row i / fanout (dispatch: W entries per token)
 };
@@ -30,6 +30,12 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long
   unsigned long long v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
+}
+// Nanoseconds of the GPU's global timer: a wall-clock budget that does not depend on the SM clock.
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
 }
 
 // One warp per row, 16-byte vectors; the grid is capped by the SM budget (persistent blocks).
@@ -44,7 +50,7 @@ __global__ void __launch_bounds__(256) copy_rows_to_peers_kernel(const __grid_co
     const int64_t r = p.dest_row[i];
     if (r < 0 || r >= p.max_rows) continue;
     const uint4* s = reinterpret_cast<const uint4*>(p.src + (i / p.fanout) * p.src_row_bytes);
-    uint4* o = reinterpret_cast<uint4*>(p.peer_data[d] + (static_cast<int64_t>(p.rank) * p.max_rows + r) * p.row_bytes);
+    uint4* o = reinterpret_cast<uint4*>(p.peer_data[d] + (static_cast<int64_t>(p.rank) * p.max_rows + r) * p.dst_pitch);
     for (int64_t v = lane; v < p.row_bytes / 16; v += 32) o[v] = s[v];
   }
   // NOTE: every thread fences its own peer writes before the block reports completion.
@@ -68,19 +74,20 @@ struct WaitParams {
   const unsigned long long* flags;  // [W] local flags written by the peers
   unsigned long long* epoch;        // local epoch counter
   int* error;                       // set to 1 + source rank on timeout
-  long long timeout_cycles;
+  unsigned long long timeout_ns;
   int world;
 };
 
-// One block: thread s waits for source s; bounded by a clock-cycle budget so a dead peer sets an error
-// instead of hanging the stream.
+// One block: thread s waits for source s; bounded by a wall-clock budget (%globaltimer) so a dead peer
+// sets an error instead of hanging the stream. NOTE: after a timeout the epochs of the ranks disagree; the
+// buffer is unusable (the error word stays set) and must be rebuilt.
 __global__ void __launch_bounds__(32) wait_peers_kernel(const __grid_constant__ WaitParams p) {
   const unsigned long long want = *p.epoch + 1ull;
   const int s = threadIdx.x;
   if (s < p.world) {
-    const long long t0 = clock64();
+    const unsigned long long t0 = global_timer_ns();
     while (ld_acquire_sys(p.flags + s) < want) {
-      if (clock64() - t0 > p.timeout_cycles) { atomicCAS(p.error, 0, 1 + s); break; }
+      if (global_timer_ns() - t0 > p.timeout_ns) { atomicCAS(p.error, 0, 1 + s); break; }
       __nanosleep(64);
     }
   }

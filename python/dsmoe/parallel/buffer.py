@@ -81,6 +81,13 @@ class EPConfig:
         return self.world_size * self.max_tokens_per_rank * row
 
 
+def _can_read_back(t: torch.Tensor) -> bool:
+    """False while compiling or capturing a CUDA graph: value checks that read device data are skipped."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, world_size: int):
     """``(num_tokens_per_rank int32 [W], num_tokens_per_expert int32 [E], is_token_in_rank bool [T, W])``.
 
@@ -93,8 +100,12 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, world_size: in
     in_rank = torch.zeros(T, world_size + 1, dtype=torch.bool, device=idx.device)
     in_rank.scatter_(1, rank_of, True)
     in_rank = in_rank[:, :world_size]
-    per_expert = torch.bincount(idx[valid], minlength=num_experts).to(torch.int32)
-    return in_rank.sum(0).to(torch.int32), per_expert, in_rank
+    # NOTE: no boolean-mask indexing or CUDA bincount here (both read sizes back to the host): the nvlink
+    # backend's graph-safe mode calls this under CUDA graph capture.
+    slots = torch.where(valid, idx, torch.full_like(idx, num_experts)).flatten()
+    per_expert = torch.zeros(num_experts + 1, dtype=torch.int64, device=idx.device)
+    per_expert.scatter_add_(0, slots, torch.ones_like(slots))
+    return in_rank.sum(0).to(torch.int32), per_expert[:num_experts].to(torch.int32), in_rank
 
 
 @dataclass
@@ -164,7 +175,7 @@ class EPBuffer:
         if num_tokens is not None and topk_idx.shape[0] != num_tokens:
             raise ValueError(f"dsmoe.EPBuffer.{op}: argument 'topk_idx' must have {num_tokens} rows (one per token), "
                              f"got shape {tuple(topk_idx.shape)}")
-        if topk_idx.numel():
+        if topk_idx.numel() and _can_read_back(topk_idx):
             lo, hi = int(topk_idx.min()), int(topk_idx.max())
             if lo < -1 or hi >= self.num_experts:
                 raise ValueError(f"dsmoe.EPBuffer.{op}: argument 'topk_idx': values must be in [-1, {self.num_experts}), "
@@ -211,6 +222,12 @@ class EPBuffer:
         if self._nvlink is not None:
             return self._nvlink.combine(y, handle)
         return _Combine.apply(y, handle, self)
+
+    def close(self) -> None:
+        """Releases the nvlink backend's CUDA IPC buffer. Collective: every rank calls it (it synchronizes
+        the GPU and the group so no peer still maps or writes the memory). No-op for ``collective``."""
+        if self._nvlink is not None:
+            self._nvlink.close()  # later dispatch/combine calls raise
 
 
 def _dispatch_impl(buf: EPBuffer, x, topk_idx, topk_weights):
