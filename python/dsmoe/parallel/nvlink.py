@@ -267,16 +267,16 @@ class NVLinkTransport:
             dest_row = slot
         n = y.shape[0]
         if gw is None:
-            src = y.contiguous() if n else torch.zeros(1, self.H, dtype=y.dtype, device=dev)
+            send_rows = y.contiguous() if n else torch.zeros(1, self.H, dtype=y.dtype, device=dev)
             row_bytes = self.H * 2
         else:
             k = nv["k"]
-            src = torch.zeros(max(n, 1), self.crow, dtype=torch.uint8, device=dev)
-            src[:n, :self.H * 2] = y.contiguous().view(torch.uint8)
-            src[:n, self.cw_off:self.cw_off + k * 4] = gw.float().contiguous().view(torch.uint8)
+            send_rows = torch.zeros(max(n, 1), self.crow, dtype=torch.uint8, device=dev)
+            send_rows[:n, :self.H * 2] = y.contiguous().view(torch.uint8)
+            send_rows[:n, self.cw_off:self.cw_off + k * 4] = gw.float().contiguous().view(torch.uint8)
             row_bytes = self.crow
         counts = self._zero_counts  # combine receivers know their counts already
-        self._send("c", src, dest_rank.contiguous(), dest_row.contiguous(), counts, row_bytes, 1)
+        self._send("c", send_rows, dest_rank.contiguous(), dest_row.contiguous(), counts, row_bytes, 1)
         cview = self._view(self.o_cdata, W * T * self.crow).view(W * T, self.crow)
         cdata = cview[:, :self.H * 2].view(y.dtype)
         sp = nv["send_pos"].long()
