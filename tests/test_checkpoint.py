@@ -51,8 +51,12 @@ def test_fp8_checkpoint_loads_and_matches_dequantized_model(tmp_path):
             ref = deq(ids).logits          # FP8 weights, unquantized activations: the same math
             assert rel_err(served(ids).logits, ref) < 1e-5
         y = served(ids).logits             # activations quantized 1x128 too
+        y_deq_fp8 = deq(ids).logits        # dequantized weights re-quantized (same blocks) + FP8 activations
+    # the whole difference to the dequantized model is activation quantization: the dequantized model run
+    # with FP8 activations gives the same logits (re-quantizing a dequantized block reproduces its bytes)
+    assert rel_err(y, y_deq_fp8) < 1e-3, rel_err(y, y_deq_fp8)
     e = rel_err(y, ref)
-    assert 1e-5 < e < 0.08 and calc_diff(y, ref) < 3e-3, e
+    assert 1e-5 < e < 0.3 and calc_diff(y, ref) < 2e-2, e
 
 
 def test_roundtrip_and_missing_unexpected_shape_errors(saved, tmp_path_factory):
