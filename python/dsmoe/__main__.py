@@ -6,6 +6,11 @@ import sys
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # its own parser: `dsmoe train --help` lists the training options
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     p = argparse.ArgumentParser(prog="dsmoe", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     pi = sub.add_parser("info", help="version, build, torch, GPU, and which ops have CUDA kernels")
@@ -18,8 +23,7 @@ def main(argv=None) -> int:
     pd = sub.add_parser("demo", help="small demonstrations")
     pd.add_argument("what", choices=["quant"])
     pd.add_argument("--device", default=None)
-    pt = sub.add_parser("train", help="train a small DeepSeek-V3-style model on a synthetic task")
-    pt.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("train", help="train a small DeepSeek-V3-style model on a synthetic task (`dsmoe train --help`)")
     args = p.parse_args(argv)
 
     if args.cmd == "info":
@@ -34,10 +38,6 @@ def main(argv=None) -> int:
         from .demo import quant_demo
 
         return quant_demo(args.device)
-    if args.cmd == "train":
-        from .train import main as train_main
-
-        return train_main(args.rest)
     return 2
 
 
