@@ -307,3 +307,30 @@ def test_gpu_bad_alignment_and_group_size():
     with pytest.raises(ValueError, match=r"all tensors must be on one device"):
         q, s = ops.per_token_group_quant_fp8(torch.randn(4, 256, device="cuda"))
         ops.per_token_group_dequant_fp8(q, s.cpu())
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_error_names_the_kernel():
+    # A fault inside a kernel must come back as a Python exception naming it (DSMOE_SYNC_CHECK=1
+    # synchronizes after each launch). Run in a subprocess: the fault poisons its CUDA context.
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, dsmoe
+        from dsmoe import _native
+        C = _native.native()
+        x = torch.randn(4, 256, device="cuda")
+        s = torch.empty(4, 2, device="cuda")
+        try:
+            # q points at an unmapped address: the kernel faults on its first store
+            C.token_group_quant(x.data_ptr(), 0, 1 << 40, s.data_ptr(), 4, 256, 256, 256, 4, 0, 2, 1, 128, False,
+                                torch.cuda.current_stream().cuda_stream)
+        except RuntimeError as e:
+            print("RAISED", e)
+    """)
+    env = dict(os.environ, DSMOE_SYNC_CHECK="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert "RAISED" in r.stdout and "token_group_quant_kernel" in r.stdout, r.stdout + r.stderr
