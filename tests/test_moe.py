@@ -377,3 +377,41 @@ def test_sequence_balance_loss():
     torch.testing.assert_close(ops.sequence_balance_loss(s_u, idx_u, alpha=1.0), torch.tensor(1.0))
     with pytest.raises(ValueError, match="leading dims"):
         ops.sequence_balance_loss(s, idx[:, :5])
+
+
+def test_scalar_arguments_are_checked_before_use():
+    """Scalars that used to reach float() unchecked (a bare 'could not convert string to float')."""
+    logits, bias = torch.randn(3, 16), torch.zeros(16)
+    kw = dict(top_k=2, n_group=4, topk_group=2)
+    for bad in ("2.5", None, float("nan"), float("inf"), True):
+        with pytest.raises((TypeError, ValueError), match=r"dsmoe\.moe_route: argument 'routed_scaling_factor'"):
+            ops.moe_route(logits, bias, routed_scaling_factor=bad, **kw)
+    idx, _ = ops.moe_route(logits, bias, routed_scaling_factor=2, **kw)  # an int is a number
+    s = torch.rand(3, 16)
+    with pytest.raises(TypeError, match=r"dsmoe\.sequence_balance_loss: argument 'alpha' must be a float, got str"):
+        ops.sequence_balance_loss(s, idx, alpha="0.1")
+    with pytest.raises(ValueError, match=r"dsmoe\.sequence_balance_loss: argument 'alpha' must be >= 0"):
+        ops.sequence_balance_loss(s, idx, alpha=-1.0)
+    with pytest.raises(TypeError, match=r"dsmoe\.update_expert_bias: argument 'gamma' must be a float, got str"):
+        ops.update_expert_bias(torch.zeros(16), ops.expert_load(idx, 16), "1e-3")
+    with pytest.raises(ValueError, match=r"dsmoe\.update_expert_bias: argument 'gamma' must be >= 0"):
+        ops.update_expert_bias(torch.zeros(16), ops.expert_load(idx, 16), -1e-3)
+
+
+def test_index_range_messages_are_uniform():
+    """expert_load, sequence_balance_loss, moe_permute and moe_unpermute share one range check and one message."""
+    idx = torch.tensor([[0, 5], [-1, 2]], dtype=torch.int32)
+    msg = r"argument 'topk_idx': values must be in \[-1, 4\) \(-1 = skipped\), got range \[-1, 5\]"
+    with pytest.raises(ValueError, match=r"dsmoe\.expert_load: " + msg):
+        ops.expert_load(idx, 4)
+    with pytest.raises(ValueError, match=r"dsmoe\.sequence_balance_loss: " + msg):
+        ops.sequence_balance_loss(torch.rand(2, 4), idx)
+    with pytest.raises(ValueError, match=r"dsmoe\.moe_permute: " + msg):
+        ops.moe_permute(torch.randn(2, 8), idx, 4)
+    with pytest.raises(ValueError, match=r"dsmoe\.expert_load: argument 'topk_idx': values must be in \[-1, 4\)"):
+        ops.expert_load(torch.tensor([-2, 0]), 4)
+    y, _, _, rm = ops.moe_permute(torch.randn(2, 8), idx.clamp(max=3), 4, alignment=1)
+    with pytest.raises(ValueError, match=r"dsmoe\.moe_unpermute: argument 'row_map': values must be in \[-1, 1\)"):
+        ops.moe_unpermute(y[:1], rm, None)
+    with pytest.raises(ValueError, match=r"hidden size \(last dim\)=100 must be a multiple of 128 with quantize_fp8=True"):
+        ops.moe_permute(torch.randn(2, 100), idx.clamp(max=3), 4, quantize_fp8=True)

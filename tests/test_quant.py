@@ -334,3 +334,22 @@ def test_gpu_cuda_error_names_the_kernel():
     env = dict(os.environ, DSMOE_SYNC_CHECK="1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert "RAISED" in r.stdout and "token_group_quant_kernel" in r.stdout, r.stdout + r.stderr
+
+
+def test_dequant_argument_checks():
+    q, s = ops.per_token_group_quant_fp8(torch.randn(3, 256))
+    with pytest.raises(ValueError, match=r"dsmoe\.per_token_group_dequant_fp8: argument 'group_size' must be a positive int, got 0"):
+        ops.per_token_group_dequant_fp8(q, s, 0)
+    with pytest.raises(ValueError, match=r"argument 'group_size' must be a positive int, got 128.0"):
+        ops.per_token_group_dequant_fp8(q, s, 128.0)
+    with pytest.raises(TypeError, match=r"dsmoe\.per_token_group_dequant_fp8: argument 'out_dtype' must be a floating-point"):
+        ops.per_token_group_dequant_fp8(q, s, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"argument 'out_dtype' must be a floating-point"):
+        ops.per_token_group_dequant_fp8(q, s, out_dtype=FP8)
+    w, ws = ops.per_block_quant_fp8(torch.randn(130, 130))
+    with pytest.raises(TypeError, match=r"dsmoe\.per_block_dequant_fp8: argument 'out_dtype' must be a floating-point"):
+        ops.per_block_dequant_fp8(w, ws, out_dtype=torch.int8)
+    # column-major scales (the GEMM layout) dequantize like row-major ones
+    qc, sc = ops.per_token_group_quant_fp8(torch.randn(5, 256), column_major_scales=True)
+    want = qc.float().view(5, 2, 128) * sc.contiguous().unsqueeze(-1)
+    assert torch.equal(ops.per_token_group_dequant_fp8(qc, sc, out_dtype=torch.float32), want.view(5, 256))

@@ -2,6 +2,7 @@
 actual values, and happens before any kernel launch."""
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -66,3 +67,55 @@ def rows_view(op: str, arg: str, t: torch.Tensor) -> torch.Tensor:
             f"dsmoe.{op}: argument '{arg}': leading dims of shape {tuple(t.shape)} with strides {t.stride()} "
             "cannot be flattened without a copy; pass a contiguous tensor"
         ) from None
+
+
+def check_int(op: str, arg: str, v, *, min_value: int | None = None) -> int:
+    """``v`` must be a Python int (not a bool) and, if given, >= ``min_value``."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"dsmoe.{op}: argument '{arg}' must be an int, got {type(v).__name__} {v!r}")
+    if min_value is not None and v < min_value:
+        raise ValueError(f"dsmoe.{op}: argument '{arg}' must be >= {min_value}, got {v}")
+    return v
+
+
+def check_float(op: str, arg: str, v, *, min_value: float | None = None, finite: bool = True) -> float:
+    """``v`` must be a real number (int or float, not a bool), finite unless ``finite=False``, and, if
+    given, >= ``min_value``. Returns it as a float."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise TypeError(f"dsmoe.{op}: argument '{arg}' must be a float, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if finite and not math.isfinite(f):
+        raise ValueError(f"dsmoe.{op}: argument '{arg}' must be finite, got {v!r}")
+    if min_value is not None and not f >= min_value:
+        raise ValueError(f"dsmoe.{op}: argument '{arg}' must be >= {min_value}, got {v!r}")
+    return f
+
+
+def check_float_dtype(op: str, arg: str, dtype) -> torch.dtype:
+    """An output dtype argument: a floating-point torch.dtype other than float8."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize == 1:
+        raise TypeError(f"dsmoe.{op}: argument '{arg}' must be a floating-point torch.dtype (float32, float16, "
+                        f"bfloat16, float64), got {dtype!r}")
+    return dtype
+
+
+def can_read_device_values(t: torch.Tensor | None = None) -> bool:
+    """True when a check may read tensor values back to the host: not while torch.compile traces and not
+    while the current CUDA stream is capturing a graph (a host read would break either)."""
+    if torch.compiler.is_compiling():
+        return False
+    if t is not None and t.device.type != "cuda":
+        return True
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_index_range(op: str, arg: str, t: torch.Tensor, lo: int, hi: int, what: str = "") -> None:
+    """Values of the integer tensor ``t`` must lie in ``[lo, hi)``. Reads them back (one host sync on a
+    GPU), so it is skipped while compiling or capturing (see ``can_read_device_values``)."""
+    if t.numel() == 0 or not can_read_device_values(t):
+        return
+    vmin, vmax = int(t.min()), int(t.max())
+    if vmin < lo or vmax >= hi:
+        note = f" ({what})" if what else ""
+        raise ValueError(f"dsmoe.{op}: argument '{arg}': values must be in [{lo}, {hi}){note}, "
+                         f"got range [{vmin}, {vmax}]")

@@ -48,13 +48,7 @@ def _num_sms(index: int) -> int:
 
 def _eager_device_checks(validate: bool, t: torch.Tensor) -> bool:
     """True when the device-resident index values may be read on the host now."""
-    if not validate:
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
+    return bool(validate) and C.can_read_device_values(t)
 
 
 def _tma_scales(s: torch.Tensor) -> torch.Tensor:
@@ -166,7 +160,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scal
     C.check_last_dim_contiguous(op, "b_scales", b_scales)
     if out is None:
         if out_dtype not in _OUT_NT:
-            raise TypeError(f"dsmoe.{op}: argument 'out_dtype' must be bfloat16 or float32, got {out_dtype}")
+            raise TypeError(f"dsmoe.{op}: argument 'out_dtype' must be bfloat16 or float32, got {out_dtype!r}")
         out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     else:
         _check_out(op, out, (M, N), _OUT_NT)

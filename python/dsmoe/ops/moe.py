@@ -40,28 +40,12 @@ _SCORE_FUNCS = {"sigmoid": 0, "softmax": 1}
 _FP8 = torch.float8_e4m3fn
 
 
-def _check_int(op: str, arg: str, v, *, min_value: int | None = None) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"dsmoe.{op}: argument '{arg}' must be an int, got {type(v).__name__}")
-    if min_value is not None and v < min_value:
-        raise ValueError(f"dsmoe.{op}: argument '{arg}' must be >= {min_value}, got {v}")
-    return v
+_check_int = C.check_int
 
 
-def _eager() -> bool:
-    """True when a value check that reads device data back is allowed (not compiling/capturing)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
-def _check_topk_idx(op: str, topk_idx: torch.Tensor, num_experts: int) -> None:
-    C.check_tensor(op, "topk_idx", topk_idx, dtypes=_IDX, ndim=2)
-    if topk_idx.numel() and _eager():
-        lo, hi = int(topk_idx.min()), int(topk_idx.max())
-        if lo < -1 or hi >= num_experts:
-            raise ValueError(f"dsmoe.{op}: argument 'topk_idx': values must be in [-1, {num_experts}) "
-                             f"(-1 = skipped), got range [{lo}, {hi}]")
+def _check_topk_idx(op: str, topk_idx: torch.Tensor, num_experts: int, ndim=2) -> None:
+    C.check_tensor(op, "topk_idx", topk_idx, dtypes=_IDX, ndim=ndim)
+    C.check_index_range(op, "topk_idx", topk_idx, -1, num_experts, "-1 = skipped")
 
 
 # ----------------------------------------------------------------------------- routing
@@ -121,7 +105,8 @@ def moe_route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: 
                          f"(topk_group * E / n_group = {topk_group * (E // n_group)})")
     if score_func not in _SCORE_FUNCS:
         raise ValueError(f"dsmoe.{op}: argument 'score_func' must be 'sigmoid' or 'softmax', got {score_func!r}")
-    return torch.ops.dsmoe.moe_route(router_logits, bias, top_k, n_group, topk_group, float(routed_scaling_factor),
+    routed_scaling_factor = C.check_float(op, "routed_scaling_factor", routed_scaling_factor)
+    return torch.ops.dsmoe.moe_route(router_logits, bias, top_k, n_group, topk_group, routed_scaling_factor,
                                      bool(norm_topk_prob), score_func)
 
 
@@ -335,7 +320,9 @@ def moe_permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, *, al
     if quantize_fp8:
         if x.dtype == torch.float64:
             raise TypeError(f"dsmoe.{op}: argument 'x': quantize_fp8 takes float32/float16/bfloat16, got float64")
-        C.check_multiple(op, "x", x.shape[1], 128, "hidden size (last dim) with quantize_fp8=True")
+        if x.shape[1] % 128:
+            raise ValueError(f"dsmoe.{op}: argument 'x': hidden size (last dim)={x.shape[1]} must be a multiple of "
+                             "128 with quantize_fp8=True (1x128 scale groups)")
     m_indices, tpe, row_map = torch.ops.dsmoe.moe_permute_layout(topk_idx, num_experts, alignment,
                                                                  -1 if max_rows is None else max_rows)
     if quantize_fp8:
@@ -361,11 +348,7 @@ def moe_unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, topk_weights: tor
     C.check_same_device(op, named)
     if y_perm.device.type == "cuda" and y_perm.dtype == torch.float64:
         raise TypeError(f"dsmoe.{op}: argument 'y_perm': float64 is CPU-only, got a CUDA float64 tensor")
-    if row_map.numel() and _eager():
-        lo, hi = int(row_map.min()), int(row_map.max())
-        if lo < -1 or hi >= y_perm.shape[0]:
-            raise ValueError(f"dsmoe.{op}: argument 'row_map': values must be in [-1, {y_perm.shape[0]}) "
-                             f"(rows of y_perm), got range [{lo}, {hi}]")
+    C.check_index_range(op, "row_map", row_map, -1, y_perm.shape[0], "rows of y_perm; -1 = skipped")
     return torch.ops.dsmoe.moe_unpermute(y_perm, row_map, topk_weights)
 
 
@@ -374,11 +357,7 @@ def expert_load(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Tokens per expert (int64 ``[E]``) of ``topk_idx [..., k]``; -1 entries are skipped."""
     op = "expert_load"
     _check_int(op, "num_experts", num_experts, min_value=1)
-    C.check_tensor(op, "topk_idx", topk_idx, dtypes=_IDX)
-    if topk_idx.numel() and _eager():
-        lo, hi = int(topk_idx.min()), int(topk_idx.max())
-        if lo < -1 or hi >= num_experts:
-            raise ValueError(f"dsmoe.{op}: argument 'topk_idx': values must be in [-1, {num_experts}), got range [{lo}, {hi}]")
+    _check_topk_idx(op, topk_idx, num_experts, ndim=None)
     return ref.expert_load(topk_idx, num_experts)
 
 
@@ -390,9 +369,8 @@ def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> 
     C.check_tensor(op, "load", load, ndim=1)
     C.check_shape(op, "load", load, tuple(bias.shape))
     C.check_same_device(op, {"bias": bias, "load": load})
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma < 0:
-        raise ValueError(f"dsmoe.{op}: argument 'gamma' must be a non-negative number, got {gamma!r}")
-    return ref.update_expert_bias(bias, load, float(gamma))
+    gamma = C.check_float(op, "gamma", gamma, min_value=0.0)
+    return ref.update_expert_bias(bias, load, gamma)
 
 
 def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, *, alpha: float = 1e-4) -> torch.Tensor:
@@ -401,17 +379,13 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, *, alpha
     ``topk_idx`` ``[S, k]`` or ``[B, S, k]`` (-1 skipped). See dsmoe.ref.moe.sequence_balance_loss."""
     op = "sequence_balance_loss"
     C.check_tensor(op, "scores", scores, dtypes=_FLOAT_ALL, ndim=(2, 3))
-    C.check_tensor(op, "topk_idx", topk_idx, dtypes=_IDX, ndim=scores.dim())
+    _check_topk_idx(op, topk_idx, scores.shape[-1], ndim=scores.dim())
     if topk_idx.shape[:-1] != scores.shape[:-1]:
         raise ValueError(f"dsmoe.{op}: argument 'topk_idx' must have leading dims {tuple(scores.shape[:-1])} "
                          f"(those of scores), got shape {tuple(topk_idx.shape)}")
     C.check_same_device(op, {"scores": scores, "topk_idx": topk_idx})
-    E = scores.shape[-1]
-    if topk_idx.numel() and _eager():
-        lo, hi = int(topk_idx.min()), int(topk_idx.max())
-        if lo < -1 or hi >= E:
-            raise ValueError(f"dsmoe.{op}: argument 'topk_idx': values must be in [-1, {E}), got range [{lo}, {hi}]")
-    return ref.sequence_balance_loss(scores, topk_idx, alpha=float(alpha))
+    alpha = C.check_float(op, "alpha", alpha, min_value=0.0)
+    return ref.sequence_balance_loss(scores, topk_idx, alpha=alpha)
 
 
 register("moe_route", "moe", ["moe_route"])

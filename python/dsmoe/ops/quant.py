@@ -35,6 +35,12 @@ def _alloc_scales(shape, group_size: int, column_major: bool, device) -> torch.T
     return storage[..., :M].transpose(-1, -2)
 
 
+def _check_group_size(op: str, group_size) -> int:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"dsmoe.{op}: argument 'group_size' must be a positive int, got {group_size!r}")
+    return group_size
+
+
 # ----------------------------------------------------------------------------- per-token-group
 @torch.library.custom_op("dsmoe::per_token_group_quant_fp8", mutates_args=())
 def _token_group_quant(x: torch.Tensor, group_size: int, scale_ue8m0: bool,
@@ -85,8 +91,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, *, scale_u
     """
     op = "per_token_group_quant_fp8"
     C.check_tensor(op, "x", x, dtypes=_FLOAT_IN, min_ndim=1)
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
-        raise ValueError(f"dsmoe.{op}: argument 'group_size' must be a positive int, got {group_size!r}")
+    _check_group_size(op, group_size)
     C.check_multiple(op, "x", x.shape[-1], group_size, "K (last dim)")
     if column_major_scales and x.dim() not in (2, 3):
         raise ValueError(f"dsmoe.{op}: argument 'x' must be 2D or 3D with column_major_scales=True, got shape {tuple(x.shape)}")
@@ -96,10 +101,15 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, *, scale_u
 
 def per_token_group_dequant_fp8(x_fp8: torch.Tensor, scales: torch.Tensor, group_size: int = 128,
                                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``x_fp8 * scale`` per group (any device; plain torch)."""
+    """``x_fp8 [..., K] * scale`` per group of ``group_size`` along K, computed in fp32 and cast to
+    ``out_dtype`` (any device; plain torch). ``scales`` fp32 ``[..., K // group_size]`` in either layout
+    ``per_token_group_quant_fp8`` returns (row-major or ``column_major_scales``). NaN scales or NaN bytes
+    give NaN; empty inputs give empty outputs."""
     op = "per_token_group_dequant_fp8"
     C.check_tensor(op, "x_fp8", x_fp8, dtypes=(_FP8,), min_ndim=1)
     C.check_tensor(op, "scales", scales, dtypes=(torch.float32,))
+    _check_group_size(op, group_size)
+    C.check_float_dtype(op, "out_dtype", out_dtype)
     C.check_multiple(op, "x_fp8", x_fp8.shape[-1], group_size, "K (last dim)")
     C.check_shape(op, "scales", scales, (*x_fp8.shape[:-1], x_fp8.shape[-1] // group_size))
     C.check_same_device(op, {"x_fp8": x_fp8, "scales": scales})
@@ -152,11 +162,14 @@ def per_block_quant_fp8(w: torch.Tensor, block_size=(128, 128), *, scale_ue8m0: 
 
 def per_block_dequant_fp8(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block_size=(128, 128),
                           out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``w_fp8 * scale_inv[block]`` (any device; plain torch)."""
+    """``w_fp8 [N, K] * scale_inv[n // bn, k // bk]`` computed in fp32 and cast to ``out_dtype`` (any
+    device; plain torch). ``scale_inv`` fp32 or bf16 ``[ceil(N/bn), ceil(K/bk)]``, partial edge blocks
+    included, as ``per_block_quant_fp8`` returns it and V3 checkpoints store it."""
     op = "per_block_dequant_fp8"
     C.check_tensor(op, "w_fp8", w_fp8, dtypes=(_FP8,), ndim=2)
     C.check_tensor(op, "scale_inv", scale_inv, dtypes=(torch.float32, torch.bfloat16), ndim=2)
     bn, bk = _check_block_size(op, block_size)
+    C.check_float_dtype(op, "out_dtype", out_dtype)
     N, K = w_fp8.shape
     C.check_shape(op, "scale_inv", scale_inv, (-(-N // bn), -(-K // bk)))
     C.check_same_device(op, {"w_fp8": w_fp8, "scale_inv": scale_inv})

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .. import _checks as C
+
 __all__ = ["EPConfig", "EPBuffer", "EPHandle", "EPTimeoutError", "get_dispatch_layout"]
 
 _BACKENDS = ("collective", "nvlink")
@@ -79,13 +81,6 @@ class EPConfig:
         """Bytes of one rank's receive buffer: W sources x max_tokens rows of payload + idx + weights."""
         row = self.hidden * elem_size + top_k * 8
         return self.world_size * self.max_tokens_per_rank * row
-
-
-def _can_read_back(t: torch.Tensor) -> bool:
-    """False while compiling or capturing a CUDA graph: value checks that read device data are skipped."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, world_size: int):
@@ -175,7 +170,7 @@ class EPBuffer:
         if num_tokens is not None and topk_idx.shape[0] != num_tokens:
             raise ValueError(f"dsmoe.EPBuffer.{op}: argument 'topk_idx' must have {num_tokens} rows (one per token), "
                              f"got shape {tuple(topk_idx.shape)}")
-        if topk_idx.numel() and _can_read_back(topk_idx):
+        if topk_idx.numel() and C.can_read_device_values(topk_idx):
             lo, hi = int(topk_idx.min()), int(topk_idx.max())
             if lo < -1 or hi >= self.num_experts:
                 raise ValueError(f"dsmoe.EPBuffer.{op}: argument 'topk_idx': values must be in [-1, {self.num_experts}), "
