@@ -117,3 +117,18 @@ def test_truncated_corrupt_and_missing_files(saved):
         DeepseekV3ForCausalLM.from_pretrained(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         DeepseekV3ForCausalLM.from_pretrained(path / "nowhere")
+
+
+def test_from_pretrained_dtype_names(saved):
+    """HF-style dtype arguments: names and "auto" (the checkpoint's torch_dtype), and a clear error otherwise."""
+    m, path = saved
+    assert json.load(open(path / "config.json"))["torch_dtype"] == "float32"
+    for dt, want in (("bfloat16", torch.bfloat16), ("torch.float16", torch.float16), ("auto", torch.float32),
+                     (None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        got = DeepseekV3ForCausalLM.from_pretrained(path, dtype=dt)
+        assert got.lm_head.weight.dtype == want, dt
+        assert torch.equal(got.lm_head.weight, m.lm_head.weight.to(want))
+    with pytest.raises(ValueError, match=r"argument 'dtype' must be a torch dtype, 'auto' or one of .*got 'int8'"):
+        DeepseekV3ForCausalLM.from_pretrained(path, dtype="int8")
+    with pytest.raises(ValueError, match=r"argument 'dtype' must be float32, bfloat16 or float16, got torch.int32"):
+        DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.int32)

@@ -86,3 +86,38 @@ def test_fp8_vs_bf16_training_gap_micro():
     assert h8["lm_loss"][-1] < h8["lm_loss"][0] - 0.1          # it learns
     gap = loss_gap(h8, h16, 5)
     assert abs(gap) < 0.02, gap
+
+
+def test_input_checks_and_generate_without_a_decodable_cache():
+    """Bad token ids fail with the argument named (not an IndexError from the embedding); a config whose
+    latent sizes the decode ops cannot take generates through the full forward by default and says why
+    when the cache is forced."""
+    m = DeepseekV3ForCausalLM(DeepseekV3Config(**SMALL), fp8=False).eval()
+    ids = torch.randint(0, 40, (2, 7))
+    with pytest.raises(ValueError, match=r"forward: argument 'input_ids': token ids must be in \[0, vocab_size=40\), got range \[.*, 40\]"):
+        m(torch.cat([ids, torch.full((2, 1), 40)], 1))
+    with pytest.raises(TypeError, match=r"argument 'input_ids' must be an int64/int32 tensor \[B, T\], got torch.float32"):
+        m(ids.float())
+    with pytest.raises(TypeError, match=r"argument 'input_ids' must be an int64/int32 tensor \[B, T\], got torch.int64 tensor of shape \(7,\)"):
+        m(ids[0])
+    with pytest.raises(ValueError, match=r"argument 'labels' must have the shape of input_ids \(2, 7\)"):
+        m(ids, labels=ids[:, 1:])
+    assert not m.supports_latent_cache()
+    with torch.no_grad():
+        gen = m.generate(ids, 3)                         # default: no cache for these sizes
+        ref = ids
+        for _ in range(3):
+            ref = torch.cat([ref, m(ref).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(gen, ref)
+    assert torch.equal(m.generate(ids, 0), ids)
+    with pytest.raises(ValueError, match=r"needs kv_lora_rank=512 and qk_rope_head_dim=64.*kv_lora_rank=64 and qk_rope_head_dim=16"):
+        m.generate(ids, 3, use_cache=True)
+    with pytest.raises(ValueError, match=r"'max_new_tokens' must be an int >= 0"):
+        m.generate(ids, -1)
+
+
+@pytest.mark.parametrize("field,value", [("num_attention_heads", 0), ("hidden_size", -8), ("vocab_size", 1.5),
+                                         ("n_group", 0), ("q_lora_rank", 0), ("num_nextn_predict_layers", -1)])
+def test_config_rejects_non_positive_sizes(field, value):
+    with pytest.raises(ValueError, match=f"DeepseekV3Config: {field} must be an int >= "):
+        DeepseekV3Config(**{**SMALL, field: value})

@@ -113,6 +113,7 @@ def _plots(hist, task, out_dir, other=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(hist["lm_loss"], label=f"LM loss ({'FP8' if hist['fp8'] else 'BF16'})", lw=1)
@@ -123,6 +124,7 @@ def _plots(hist, task, out_dir, other=None):
     ax.axhline(task.loss_floor, color="k", ls="--", lw=1, label=f"LM loss floor {task.loss_floor:.3f}")
     ax.axhline(task.mtp_loss_floor, color="gray", ls=":", lw=1, label=f"MTP loss floor {task.mtp_loss_floor:.3f}")
     ax.set_xlabel("step"), ax.set_ylabel("cross entropy (nats)"), ax.set_ylim(0, None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(), ax.set_title("dsmoe train: permuted-copy task")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
@@ -138,12 +140,15 @@ def _plots(hist, task, out_dir, other=None):
             im = axes[i].imshow(frac[:, i].T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
             axes[i].set_title(f"MoE layer {i}: token share per expert"), axes[i].set_xlabel("step")
             axes[i].set_ylabel("expert")
+            axes[i].xaxis.set_major_locator(MaxNLocator(integer=True))
+            axes[i].yaxis.set_major_locator(MaxNLocator(integer=True))
             fig.colorbar(im, ax=axes[i])
         E = frac.shape[-1]
         imb = (load.max(-1).values / load.float().mean(-1).clamp(min=1e-9))   # max/mean per step and layer
         for i in range(L):
             axes[L].plot(imb[:, i].numpy(), label=f"layer {i}", lw=1)
         axes[L].axhline(1.0, color="k", ls="--", lw=1)
+        axes[L].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[L].set_title(f"max/mean expert load ({E} experts)"), axes[L].set_xlabel("step"), axes[L].legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "expert_load.png"), dpi=120)

@@ -254,10 +254,30 @@ def save_pretrained(model, path, *, max_shard_size: int = 2 << 30, quantize_fp8:
         json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f, indent=2)
 
 
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
+                "fp16": torch.float16}
+
+
+def _resolve_dtype(dtype, cfg: DeepseekV3Config) -> torch.dtype:
+    """``dtype`` of from_pretrained: a floating torch.dtype, a name ("bfloat16", "torch.float32", ...), or
+    None / "auto" for the checkpoint's ``torch_dtype`` (bfloat16 when it names none we know)."""
+    if dtype is None or dtype == "auto":
+        return _DTYPE_NAMES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.bfloat16)
+    if isinstance(dtype, str):
+        name = dtype.replace("torch.", "")
+        if name not in _DTYPE_NAMES:
+            raise ValueError(f"from_pretrained: argument 'dtype' must be a torch dtype, 'auto' or one of "
+                             f"{sorted(_DTYPE_NAMES)}, got {dtype!r}")
+        return _DTYPE_NAMES[name]
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"from_pretrained: argument 'dtype' must be float32, bfloat16 or float16, got {dtype!r}")
+    return dtype
+
+
 def load_pretrained(cls, path, *, dtype=None, device=None, fp8: bool = True, dequantize_fp8: bool = False):
     tensors, cfg = read_checkpoint(path)
-    if dtype is None:
-        dtype = {"float32": torch.float32, "float16": torch.float16}.get(str(cfg.torch_dtype), torch.bfloat16)
+    dtype = _resolve_dtype(dtype, cfg)
     model = cls(cfg.replace(quantization_config=None), fp8=fp8, dtype=dtype)
     load_hf_state_dict(model, tensors, dequantize_fp8=dequantize_fp8)
     if device is not None:

@@ -90,10 +90,20 @@ class DeepseekV3Config:
         q = self.quantization_config or {}
         return tuple(q.get("weight_block_size", (128, 128)))  # type: ignore[return-value]
 
+    _POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "n_routed_experts", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
+                 "qk_nope_head_dim", "n_group", "topk_group", "num_experts_per_tok")
+    _NON_NEGATIVE = ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")
+
     def validate(self) -> "DeepseekV3Config":
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"DeepseekV3Config: {msg}")
+        for name in self._POSITIVE + self._NON_NEGATIVE + (("q_lora_rank",) if self.q_lora_rank is not None else ()):
+            v = getattr(self, name)
+            low = 0 if name in self._NON_NEGATIVE else 1
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= low,
+                 f"{name} must be an int >= {low}, got {v!r}")
         need(self.n_routed_experts % max(self.n_group, 1) == 0,
              f"n_routed_experts={self.n_routed_experts} must be divisible by n_group={self.n_group}")
         need(1 <= self.topk_group <= self.n_group, f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")

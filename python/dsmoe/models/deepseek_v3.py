@@ -129,9 +129,26 @@ class DeepseekV3ForCausalLM(nn.Module):
         return self.model.rotary_emb(pos)
 
     # ------------------------------------------------------------------ forward
+    def _check_ids(self, where: str, arg: str, ids) -> None:
+        """Token ids: an integer tensor ``[B, T]`` with values in ``[0, vocab_size)`` (the values are checked
+        for CPU tensors outside torch.compile only: on a GPU that would cost a host sync per call)."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
+            got = f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(f"DeepseekV3ForCausalLM.{where}: argument '{arg}' must be an int64/int32 tensor [B, T], got {got}")
+        if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"DeepseekV3ForCausalLM.{where}: argument '{arg}': token ids must be in "
+                                 f"[0, vocab_size={self.config.vocab_size}), got range [{lo}, {hi}]")
+
     def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None, return_mtp: bool = False,
                 positions: torch.Tensor | None = None) -> CausalLMOutput:
         cfg = self.config
+        self._check_ids("forward", "input_ids", input_ids)
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"DeepseekV3ForCausalLM.forward: argument 'labels' must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)} (next tokens, -100 = ignored), got {got}")
         B, T = input_ids.shape
         emb = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(T, input_ids.device, positions)
@@ -168,10 +185,27 @@ class DeepseekV3ForCausalLM(nn.Module):
         return out
 
     # ------------------------------------------------------------------ generation
+    def supports_latent_cache(self) -> bool:
+        """True when the config has the sizes of the MLA decode ops (``kv_lora_rank`` 512,
+        ``qk_rope_head_dim`` 64: DeepSeek-V3's), which the cached decode path needs."""
+        return self.config.kv_lora_rank == 512 and self.config.qk_rope_head_dim == 64
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, use_cache: bool = True) -> torch.Tensor:
-        """Greedy decoding. ``use_cache=True``: prefill then token-by-token decode over the MLA latent cache."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, use_cache: bool | None = None) -> torch.Tensor:
+        """Greedy decoding of ``max_new_tokens`` tokens after ``input_ids [B, T]``; returns ``[B, T + max_new_tokens]``.
+
+        ``use_cache=True``: prefill then token-by-token decode over the MLA latent cache (needs
+        ``supports_latent_cache()``); ``False``: the full forward pass per new token; ``None`` (default):
+        the cache when the config supports it."""
+        self._check_ids("generate", "input_ids", input_ids)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"DeepseekV3ForCausalLM.generate: argument 'max_new_tokens' must be an int >= 0, "
+                             f"got {max_new_tokens!r}")
+        if use_cache is None:
+            use_cache = self.supports_latent_cache()
         ids = input_ids
+        if max_new_tokens == 0:
+            return ids
         if not use_cache:
             for _ in range(max_new_tokens):
                 nxt = self(ids).logits[:, -1].argmax(-1, keepdim=True)
@@ -190,6 +224,11 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> MLAKVCache:
         cfg = self.config
+        if not self.supports_latent_cache():
+            raise ValueError(f"DeepseekV3ForCausalLM: the latent-cache decode path (generate(use_cache=True), "
+                             f"new_cache, decode_step) needs kv_lora_rank=512 and qk_rope_head_dim=64 (the MLA "
+                             f"decode ops' sizes), this config has kv_lora_rank={cfg.kv_lora_rank} and "
+                             f"qk_rope_head_dim={cfg.qk_rope_head_dim}; use generate(use_cache=False)")
         return MLAKVCache(cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                           device=self.lm_head.weight.device)
 
