@@ -327,6 +327,11 @@ def test_append_bad_inputs():
     # position 140 lies in block column 2 of sequence 1, which holds the huge sentinel id
     with pytest.raises(ValueError, match="block id 1073741824 used by a new token"):
         op(cache, bt, bids, torch.tensor([10, 140], dtype=torch.int32), lat, kr)
+    # two tokens aimed at one slot (same sequence and position) would race on the GPU
+    with pytest.raises(ValueError, match=r"2 tokens write the same cache slot"):
+        op(cache, bt, torch.tensor([1, 1], dtype=torch.int32), torch.tensor([33, 33], dtype=torch.int32), lat, kr)
+    # a skipped token (negative position) does not count
+    op(cache, bt, torch.tensor([1, 1], dtype=torch.int32), torch.tensor([33, -1], dtype=torch.int32), lat, kr)
 
 
 def test_check_block_table_env(monkeypatch):

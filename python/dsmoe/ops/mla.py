@@ -312,6 +312,13 @@ def _check_append_values(op, kv_cache, block_table, batch_ids, positions) -> Non
         bad = ids[(ids < 0) | (ids >= nb)][0]
         raise ValueError(f"dsmoe.{op}: argument 'block_table': block id {int(bad)} used by a new token is out of "
                          f"range [0, {nb}) (num_blocks of kv_cache)")
+    # NOTE: two tokens aimed at one physical slot would race on the GPU (which write lands is unspecified).
+    slots = ids * _BLOCK + pos % _BLOCK
+    uniq, counts = torch.unique(slots, return_counts=True)
+    if bool((counts > 1).any()):
+        dup = int(uniq[counts > 1][0])
+        raise ValueError(f"dsmoe.{op}: arguments 'batch_ids'/'positions': {int(counts.max())} tokens write the same "
+                         f"cache slot (block {dup // _BLOCK}, offset {dup % _BLOCK}); each slot may be written once per call")
 
 
 def mla_kvcache_append(kv_cache: torch.Tensor, block_table: torch.Tensor, batch_ids: torch.Tensor,
@@ -325,7 +332,11 @@ def mla_kvcache_append(kv_cache: torch.Tensor, block_table: torch.Tensor, batch_
     batch_ids, positions int32 ``[T]`` (token t -> sequence batch_ids[t], position positions[t]; a
     negative position skips the token); latent ``[T, 512]`` and k_rope ``[T, 64]`` bf16 (e.g. views of
     kv_a_proj_with_mqa's output). Exact semantics: ``dsmoe.ref.mla.mla_kvcache_append``. Decoding
-    ``s_q`` new tokens per sequence: ``positions = cache_seqlens_after - s_q + i``."""
+    ``s_q`` new tokens per sequence: ``positions = cache_seqlens_after - s_q + i``.
+
+    Each cache slot may be written by at most one token per call: on CPU (always) and on CUDA under
+    ``DSMOE_CHECK_BLOCK_TABLE=1`` a repeated slot raises ValueError; unchecked on CUDA, which of the
+    writes lands is unspecified."""
     op = "mla_kvcache_append"
     _kv_kind(op, kv_cache)
     C.check_tensor(op, "block_table", block_table, dtypes=(torch.int32,), ndim=2)
