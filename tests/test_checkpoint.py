@@ -132,3 +132,17 @@ def test_from_pretrained_dtype_names(saved):
         DeepseekV3ForCausalLM.from_pretrained(path, dtype="int8")
     with pytest.raises(ValueError, match=r"argument 'dtype' must be float32, bfloat16 or float16, got torch.int32"):
         DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.int32)
+
+
+def test_resave_with_fewer_shards_leaves_one_checkpoint(saved):
+    m, path = saved
+    before = sorted(p.name for p in path.glob("model-*.safetensors"))
+    assert len(before) > 1
+    m.save_pretrained(path)  # default shard size: one shard
+    after = sorted(p.name for p in path.glob("*.safetensors"))
+    assert after == ["model-00001-of-00001.safetensors"]
+    idx = json.load(open(path / "model.safetensors.index.json"))["weight_map"]
+    assert set(idx.values()) == set(after)
+    again = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for (n, a), (_, b) in zip(m.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n

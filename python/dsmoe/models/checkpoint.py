@@ -247,8 +247,11 @@ def save_pretrained(model, path, *, max_shard_size: int = 2 << 30, quantize_fp8:
         for k, v in sh.items():
             wm[k] = fn
             total += v.numel() * v.element_size()
-    for stale in os.listdir(path):  # a single-file leftover would shadow nothing, but be tidy
-        if stale == "model.safetensors":
+    # NOTE: shards of an earlier save into this directory (another shard count, or a single file) are not in
+    # the new index: remove them so the directory holds exactly one checkpoint.
+    shard_re = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+    for stale in os.listdir(path):
+        if (stale == "model.safetensors" or shard_re.fullmatch(stale)) and stale not in wm.values():
             os.remove(os.path.join(path, stale))
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f, indent=2)
