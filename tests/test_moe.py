@@ -415,3 +415,15 @@ def test_index_range_messages_are_uniform():
         ops.moe_unpermute(y[:1], rm, None)
     with pytest.raises(ValueError, match=r"hidden size \(last dim\)=100 must be a multiple of 128 with quantize_fp8=True"):
         ops.moe_permute(torch.randn(2, 100), idx.clamp(max=3), 4, quantize_fp8=True)
+
+
+def test_route_all_nan_token_is_contained():
+    logits = torch.randn(5, 16)
+    bias = torch.randn(16) * 0.1
+    clean_idx, clean_w = ops.moe_route(logits, bias, top_k=3, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    logits[2] = float("nan")
+    idx, w = ops.moe_route(logits, bias, top_k=3, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    # the NaN token: lowest-index experts of the lowest-index groups, NaN weights (documented)
+    assert idx[2].tolist() == [0, 1, 2] and torch.isnan(w[2]).all()
+    keep = torch.tensor([0, 1, 3, 4])
+    assert torch.equal(idx[keep], clean_idx[keep]) and torch.equal(w[keep], clean_w[keep])

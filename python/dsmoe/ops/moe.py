@@ -84,6 +84,9 @@ def moe_route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: 
     biased score, ties to the lowest index; weights from the unbiased scores (see dsmoe.ref.moe).
     Not differentiable (the V3 gate is trained through the weights of the MoE output only when the
     caller recomputes them; see docs/moe.md).
+    NaN handling (no host check, it would cost a sync): a NaN score or group score ranks as ``-inf``, so
+    a token whose logits are all NaN gets the lowest-index experts of the lowest-index groups and NaN
+    weights; other tokens are unaffected.
     """
     op = "moe_route"
     C.check_tensor(op, "router_logits", router_logits, dtypes=_FLOAT_IN, ndim=2)
