@@ -59,7 +59,12 @@ def _quant_experts(w: torch.Tensor):
 
 
 class _GroupedLinearFn(torch.autograd.Function):
-    """``y[r] = x[r] @ W[m_indices[r]]^T`` over the contiguous layout; rows with m_indices = -1 give 0."""
+    """``y[r] = x[r] @ W[m_indices[r]]^T`` over the contiguous layout; rows with m_indices = -1 give 0.
+
+    NOTE: the layouts come from ops.moe_permute, valid by construction, so the GEMMs run with
+    ``validate=False``: their eager check reads m_indices / group_sizes back to the host, a sync per
+    GEMM (four per MoE layer and step) on a GPU.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, m_indices, group_sizes, use_fp8: bool):
@@ -68,7 +73,7 @@ class _GroupedLinearFn(torch.autograd.Function):
         if use_fp8:
             wq, ws = _quant_experts(weight)
             xq, xs = ops.per_token_group_quant_fp8(pad_to(x, 1, _BLOCK).contiguous(), _BLOCK)
-            y = ops.m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, m_indices)[:, :N]
+            y = ops.m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, m_indices, validate=False)[:, :N]
             y = torch.where(valid, y, torch.zeros((), dtype=y.dtype, device=y.device)).to(x.dtype)
             ctx.save_for_backward(x, m_indices, group_sizes, wq, ws)
         else:
@@ -92,14 +97,14 @@ class _GroupedLinearFn(torch.autograd.Function):
                 gq, gs = ops.per_token_group_quant_fp8(gp, _BLOCK)
                 wt = wq.transpose(1, 2).contiguous()          # 128x128 block scales transpose exactly
                 st = ws.transpose(1, 2).contiguous()
-                dx = ops.m_grouped_fp8_gemm_nt_contiguous(gq, gs, wt, st, m_indices)[:, :K]
+                dx = ops.m_grouped_fp8_gemm_nt_contiguous(gq, gs, wt, st, m_indices, validate=False)[:, :K]
                 dx = torch.where(valid, dx, torch.zeros((), dtype=dx.dtype, device=dx.device)).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 # Wgrad: dY and X re-quantized 1x128 along tokens; expert segments are 128-aligned, so
                 # no quantization group straddles two experts.
                 aq, a_s = ops.per_token_group_quant_fp8_transposed(gp)                          # [Np, R]
                 bq, b_s = ops.per_token_group_quant_fp8_transposed(pad_to(x, 1, _BLOCK).contiguous())  # [Kp, R]
-                dw = ops.k_grouped_fp8_gemm_tn_contiguous(aq, a_s, bq, b_s, group_sizes)[:, :N, :K].to(wdt)
+                dw = ops.k_grouped_fp8_gemm_tn_contiguous(aq, a_s, bq, b_s, group_sizes, validate=False)[:, :N, :K].to(wdt)
         else:
             x, m_indices, group_sizes, weight = ctx.saved_tensors
             offs = torch.cumsum(group_sizes, 0).to(torch.int32)
@@ -114,7 +119,7 @@ def _grouped_serving(x, wq, ws, m_indices, group_sizes, use_fp8: bool):
     E, N, K = wq.shape
     if use_fp8 and N % _BLOCK == 0 and K % _BLOCK == 0:
         xq, xs = ops.per_token_group_quant_fp8(x.contiguous(), _BLOCK)
-        y = ops.m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, m_indices).to(x.dtype)
+        y = ops.m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, m_indices, validate=False).to(x.dtype)
     else:
         w = torch.stack([ops.per_block_dequant_fp8(wq[e], ws[e], (_BLOCK, _BLOCK), out_dtype=x.dtype) for e in range(E)])
         y = F.grouped_mm(x, w.transpose(-2, -1), offs=torch.cumsum(group_sizes, 0).to(torch.int32))
