@@ -427,3 +427,57 @@ def test_route_all_nan_token_is_contained():
     assert idx[2].tolist() == [0, 1, 2] and torch.isnan(w[2]).all()
     keep = torch.tensor([0, 1, 3, 4])
     assert torch.equal(idx[keep], clean_idx[keep]) and torch.equal(w[keep], clean_w[keep])
+
+
+# ----------------------------------------------------------------------------- zero sizes
+@pytest.mark.parametrize("T,all_skipped", [(0, False), (6, True), (5, False)])
+@pytest.mark.parametrize("mode", ["eager", "compile", "compile_fixed"])
+def test_zero_tokens_and_zero_rows_forward_backward(T, all_skipped, mode):
+    """T = 0 and R = 0 (every topk_idx entry -1) are sizes like any other: forward, backward (input and
+    weight gradients), eager and under torch.compile (exact unbacked R and a fixed max_rows)."""
+    k, E, H, a = 3, 5, 7, 4
+    idx = _rand_topk(T, k, E, 0.2)
+    if all_skipped:
+        idx.fill_(-1)
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    mr = ops.moe_permute_max_rows(T, k, E, a) if mode == "compile_fixed" else None
+
+    def f(x, idx, w):
+        xp, m, tpe, rm = ops.moe_permute(x, idx, E, alignment=a, max_rows=mr)
+        return ops.moe_unpermute(xp * 1.5 + xp ** 2, rm, w), m, tpe
+
+    g = f if mode == "eager" else torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    y, m, tpe = g(x, idx, w)
+    gy = torch.randn(T, H, dtype=torch.float64)
+    (y * gy).sum().backward()
+    # independent: y[t] = sum_j w[t, j] * (1.5 x + x^2)[t] over the kept slots
+    keep = (idx >= 0).double()
+    xd = x.detach()
+    torch.testing.assert_close(y, (keep * w.detach()).sum(1, keepdim=True) * (1.5 * xd + xd ** 2))
+    torch.testing.assert_close(x.grad, (keep * w.detach()).sum(1, keepdim=True) * (1.5 + 2 * xd) * gy)
+    torch.testing.assert_close(w.grad, keep * ((1.5 * xd + xd ** 2) * gy).sum(1, keepdim=True))
+    assert tpe.tolist() == ops.expert_load(idx, E).tolist()
+    if mr is None:
+        assert m.shape[0] == (0 if (T == 0 or all_skipped) else m.shape[0])
+    assert (m[m >= 0].shape[0]) == int((idx >= 0).sum())
+
+
+@pytest.mark.parametrize("T", [0, 4])
+def test_zero_sizes_other_moe_ops(T):
+    """moe_route with T = 0 (eager and compiled), the fused FP8 permute with no token or no kept pair,
+    expert_load and sequence_balance_loss on empty inputs, moe_unpermute of an empty y_perm."""
+    l = torch.randn(T, 16)
+    f = torch.compile(lambda l: ops.moe_route(l, None, top_k=2, n_group=4, topk_group=2, routed_scaling_factor=1.0),
+                      fullgraph=True, dynamic=True, backend="aot_eager")
+    i1, w1 = f(l)
+    i2, w2 = ops.moe_route(l, None, top_k=2, n_group=4, topk_group=2, routed_scaling_factor=1.0)
+    assert i1.shape == (T, 2) and torch.equal(i1, i2) and torch.equal(w1, w2)
+    idx = torch.full((T, 2), -1, dtype=torch.int32)
+    q, s, m, tpe, rm = ops.moe_permute(torch.randn(T, 128), idx, 16, quantize_fp8=True)
+    assert q.shape == (0, 128) and s.shape == (0, 1) and m.shape == (0,) and (tpe == 0).all() and (rm == -1).all()
+    assert ops.expert_load(idx, 16).tolist() == [0] * 16
+    y = ops.moe_unpermute(torch.randn(0, 9), rm, torch.rand(T, 2))
+    assert y.shape == (T, 9) and (y == 0).all()
+    loss = ops.sequence_balance_loss(torch.rand(T, 16), idx)
+    assert loss.item() == 0.0

@@ -167,3 +167,26 @@ def test_permute_grad_gpu():
         (ops.moe_unpermute(xp * xp, rm, ww) * gg).sum().backward()
     torch.testing.assert_close(xg.grad.cpu(), x.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(wg.grad.cpu(), w.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,all_skipped", [(0, False), (6, True)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_zero_tokens_and_zero_rows_grad_gpu(T, all_skipped, compiled):
+    """T = 0 and R = 0 on the kernels: forward and both gradients equal the CPU path (zeros / empty)."""
+    k, E, H = 3, 8, 64
+    idx = torch.randint(0, E, (T, k), dtype=torch.int32, device="cuda")
+    if all_skipped:
+        idx.fill_(-1)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(T, k, device="cuda", requires_grad=True)
+
+    def f(x, idx, w):
+        xp, m, tpe, rm = ops.moe_permute(x, idx, E, alignment=128)
+        return ops.moe_unpermute(xp * 2, rm, w)
+
+    g = torch.compile(f, fullgraph=True, dynamic=True) if compiled else f
+    y = g(x, idx, w)
+    y.float().sum().backward()
+    assert y.shape == (T, H) and (y == 0).all()
+    assert x.grad.shape == (T, H) and (x.grad == 0).all()
+    assert w.grad.shape == (T, k) and (w.grad == 0).all()

@@ -201,3 +201,18 @@ def test_aux_loss_free_bias_moves_load_toward_balance():
     b = moe.gate.e_score_correction_bias
     assert b[:2].max() < b[2:].min()   # the hot experts were pushed down
     assert moe.load.sum() == 0          # reset after each update
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("shape", [(2, 0, 128), (0, 128), (0, 5, 128)])
+def test_moe_zero_tokens_forward_backward(fp8, shape):
+    """A batch without tokens (a starved rank, an empty microbatch) runs forward and backward."""
+    moe = MoE(_moe_cfg(), fp8=fp8).train()
+    x = torch.randn(*shape, requires_grad=True)
+    y = moe(x)
+    assert y.shape == x.shape
+    (y.sum() + moe.aux_loss).backward()
+    assert x.grad.shape == x.shape
+    assert moe.aux_loss.item() == 0.0 and moe.load.sum() == 0
+    for n, p in moe.named_parameters():
+        assert p.grad is None or (p.grad == 0).all(), n

@@ -9,6 +9,8 @@ weighted outputs back per token. Without FP8 the same layout runs through ``torc
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -220,8 +222,10 @@ class MoE(nn.Module):
         idx, w, scores = self.route(x2)
         if self.training:
             S = shape[-2] if x.dim() >= 2 else x2.shape[0]
+            # NOTE: the sequence count from the shape, not view(-1, ...): -1 is ambiguous when S = 0
+            B = math.prod(shape[:-2]) if x.dim() > 2 else 1
             self.aux_loss = ops.sequence_balance_loss(
-                scores.view(-1, S, self.num_experts), idx.view(-1, S, self.top_k), alpha=self.cfg.aux_loss_alpha)
+                scores.view(B, S, self.num_experts), idx.view(B, S, self.top_k), alpha=self.cfg.aux_loss_alpha)
             with torch.no_grad():
                 self.load += ops.expert_load(idx, self.num_experts).to(self.load.dtype)
         y = self.routed(x2, idx, w)

@@ -196,13 +196,19 @@ def _(x, row_map, weights, m_indices, num_rows):
 
 
 def _weight_grad(rows_src: torch.Tensor, row_map: torch.Tensor, per_token: torch.Tensor):
-    """``dw[t, j] = <per_token[t], rows_src[row_map[t, j]]>`` (0 where row_map = -1), fp32/fp64."""
-    T, k = row_map.shape
+    """``dw[t, j] = <per_token[t], rows_src[row_map[t, j]]>`` (0 where row_map = -1), fp32/fp64.
+
+    NOTE: the tokens are scattered to the rows (each used row holds exactly one pair) and the per-row
+    dot products are gathered from a vector with one extra zero slot that the -1 entries point to, so
+    that T = 0 and R = 0 (every pair skipped) need no branch; a branch on R would be data-dependent
+    under torch.compile, where R is an unbacked size."""
+    R = rows_src.shape[0]
     acc = torch.float64 if per_token.dtype == torch.float64 else torch.float32
+    spread = torch.ops.dsmoe.moe_scatter_rows(per_token, row_map, None, None, R)
+    row_dot = (spread.to(acc) * rows_src.to(acc)).sum(-1)
+    row_dot = torch.cat([row_dot, row_dot.new_zeros(1)])
     r = row_map.long()
-    g = rows_src[r.clamp(min=0).view(-1)].view(T, k, -1).to(acc)
-    dw = (g * per_token.to(acc).unsqueeze(1)).sum(-1)
-    return torch.where(r >= 0, dw, torch.zeros_like(dw))
+    return row_dot[torch.where(r >= 0, r, R)]
 
 
 def _scatter_setup(ctx, inputs, output):

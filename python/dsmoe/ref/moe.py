@@ -166,6 +166,8 @@ def moe_unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, topk_weights: tor
     T, k = row_map.shape
     acc_t = torch.float64 if y_perm.dtype == torch.float64 else torch.float32
     acc = torch.zeros(T, y_perm.shape[-1], dtype=acc_t, device=y_perm.device)
+    if y_perm.shape[0] == 0:  # every entry is -1 (R = 0): nothing to gather from
+        return acc.to(y_perm.dtype)
     for j in range(k):
         r = row_map[:, j].long()
         valid = r >= 0
@@ -204,7 +206,7 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, *, alpha
     ti = topk_idx if topk_idx.dim() == 3 else topk_idx.unsqueeze(0)
     B, S, E = sc.shape
     k = ti.shape[-1]
-    if S == 0:
+    if S == 0 or B == 0:  # no token: no imbalance (and no NaN from a mean over nothing)
         return sc.sum() * 0.0
     with torch.no_grad():
         t = ti.long()
