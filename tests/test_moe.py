@@ -24,7 +24,9 @@ def _brute_route(logits, bias, top_k, n_group, topk_group, rsf, norm=True, score
         gs = []
         for g in range(n_group):
             vals = sorted(c[g * G:(g + 1) * G], reverse=True)[:2]
-            gs.append(float(torch.tensor(vals[0]) + torch.tensor(vals[1])) if len(vals) == 2 else vals[0])
+            # DeepSeek's reference gate: top-2 sum with a bias, the group max without one
+            two = len(vals) == 2 and bias is not None
+            gs.append(float(torch.tensor(vals[0]) + torch.tensor(vals[1])) if two else vals[0])
         # max value, lowest index on ties
         kept = sorted(range(n_group), key=lambda g: (-gs[g], g))[:topk_group]
         cand = [e for e in range(E) if e // G in kept]
@@ -42,10 +44,11 @@ def _brute_route(logits, bias, top_k, n_group, topk_group, rsf, norm=True, score
 
 @pytest.mark.parametrize("E,n_group,topk_group,top_k", [(256, 8, 4, 8), (64, 8, 3, 6), (37, 1, 1, 5), (12, 4, 2, 3), (8, 8, 3, 2)])
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
-def test_route_matches_brute_force(E, n_group, topk_group, top_k, score_func):
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_route_matches_brute_force(E, n_group, topk_group, top_k, score_func, with_bias):
     T = 19
     logits = torch.randn(T, E) * 2
-    bias = torch.randn(E) * 0.3 - 0.8  # makes many biased scores negative
+    bias = torch.randn(E) * 0.3 - 0.8 if with_bias else None  # makes many biased scores negative
     idx, w = ops.moe_route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
                            routed_scaling_factor=1.7, score_func=score_func)
     bi, bw = _brute_route(logits, bias, top_k, n_group, topk_group, 1.7, True, score_func)
@@ -128,6 +131,81 @@ def test_route_matches_transformers(E, n_group, topk_group, top_k):
     ms, mo = idx.long().sort(dim=1)
     assert torch.equal(hs, ms)
     torch.testing.assert_close(w.gather(1, mo), hw.gather(1, ho), rtol=2e-7, atol=1e-7)
+
+
+def _deepseek_gate(logits, bias, top_k, n_group, topk_group, rsf, score_func):
+    """DeepSeek-V3's published reference gate (inference/model.py, Gate.forward), written out again:
+    group scores are the group max without a bias and the sum of the top-2 biased scores with one;
+    torch.topk selection (the inputs below have no ties); sigmoid weights normalized, softmax not."""
+    s = logits.float().softmax(-1) if score_func == "softmax" else logits.float().sigmoid()
+    c = s + bias if bias is not None else s
+    T, E = c.shape
+    if n_group > 1:
+        cg = c.view(T, n_group, -1)
+        gs = cg.amax(-1) if bias is None else cg.topk(2, -1).values.sum(-1)
+        drop = torch.ones(T, n_group, dtype=torch.bool).scatter_(1, gs.topk(topk_group, -1).indices, False)
+        c = cg.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
+    idx = c.topk(top_k, -1).indices
+    w = s.gather(1, idx)
+    if score_func == "sigmoid":
+        w = w / w.sum(-1, keepdim=True)
+    return idx, w * rsf
+
+
+def test_route_group_score_rule_of_the_reference_gate():
+    """Without a correction bias a group scores by its best expert (V2's rule, kept by DeepSeek's reference
+    gate); with one, by the sum of its two best biased scores (V3). A hand case where the rules disagree."""
+    s = torch.tensor([[0.90, 0.10, 0.60, 0.60]])
+    logits = torch.log(s / (1 - s))  # sigmoid(logits) = s
+    kw = dict(top_k=1, n_group=2, topk_group=1, routed_scaling_factor=1.0)
+    idx, _ = ops.moe_route(logits, None, **kw)
+    assert idx.tolist() == [[0]]  # group 0 (max 0.9 > 0.6) wins; the top-2 sum would pick group 1 (1.2 > 1.0)
+    idx, _ = ops.moe_route(logits, torch.zeros(4), **kw)
+    assert idx.tolist() == [[2]]  # with a (zero) bias: the top-2 sum, group 1
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("E,n_group,topk_group,top_k", [(64, 8, 3, 6), (160, 8, 3, 6), (32, 4, 2, 4)])
+def test_route_matches_deepseek_reference_gate(E, n_group, topk_group, top_k, score_func, with_bias):
+    """Random logits vs the published reference gate, experts compared as sets per token (its topk is
+    unordered in ties only; distinct random scores have none)."""
+    T = 257
+    logits = torch.randn(T, E) * 2
+    bias = torch.randn(E) * 0.3 if with_bias else None
+    idx, w = ops.moe_route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                           routed_scaling_factor=2.5, norm_topk_prob=score_func == "sigmoid", score_func=score_func)
+    ri, rw = _deepseek_gate(logits, bias, top_k, n_group, topk_group, 2.5, score_func)
+    ms, mo = idx.long().sort(1)
+    rs, ro = ri.sort(1)
+    assert torch.equal(ms, rs)
+    torch.testing.assert_close(w.gather(1, mo), rw.gather(1, ro), rtol=1e-6, atol=1e-7)
+    if not with_bias:
+        # the rule matters on random inputs: the top-2 sum would change the experts of some tokens
+        t2, _ = ops.moe_route(logits, torch.zeros(E), top_k=top_k, n_group=n_group, topk_group=topk_group,
+                              routed_scaling_factor=2.5, score_func=score_func)
+        assert (t2.long().sort(1).values != rs).any(1).float().mean() > 0.05
+
+
+def test_route_matches_transformers_deepseek_v2_group_limited_greedy():
+    """transformers' DeepSeek-V2 router (softmax, group max, no bias, no normalization) as an outside oracle."""
+    mod = pytest.importorskip("transformers.models.deepseek_v2.modeling_deepseek_v2")
+    cfg_mod = pytest.importorskip("transformers.models.deepseek_v2.configuration_deepseek_v2")
+    E, n_group, topk_group, top_k = 64, 8, 3, 6
+    cfg = cfg_mod.DeepseekV2Config(hidden_size=32, n_routed_experts=E, num_experts_per_tok=top_k, n_group=n_group,
+                                   topk_group=topk_group, topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+                                   moe_intermediate_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    r = mod.DeepseekV2TopkRouter(cfg)
+    with torch.no_grad():
+        r.weight.normal_()
+        logits, hw, hi = r(torch.randn(41, 32))
+    idx, w = ops.moe_route(logits, None, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                           routed_scaling_factor=1.5, norm_topk_prob=False, score_func="softmax")
+    hs, ho = hi.sort(1)
+    ms, mo = idx.long().sort(1)
+    assert torch.equal(hs, ms)
+    torch.testing.assert_close(w.gather(1, mo), hw.gather(1, ho), rtol=1e-6, atol=1e-7)
 
 
 def test_route_empty_and_bf16_input():

@@ -34,6 +34,26 @@ def test_route_matches_reference(E, n_group, topk_group, top_k, dtype, score_fun
     assert digest(i, w) == digest(i2, w2)
 
 
+@pytest.mark.parametrize("E,n_group,topk_group,top_k", [(256, 8, 4, 8), (64, 8, 3, 6), (512, 16, 4, 8), (40, 4, 2, 3)])
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_route_without_bias_group_max_matches_reference(E, n_group, topk_group, top_k, score_func):
+    """No correction bias: groups score by their max (the reference gate's V2 rule) on the kernel too."""
+    T = 777
+    logits = _separated_logits(T, E)
+    i, w = ops.moe_route(logits, None, top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=1.5,
+                         score_func=score_func)
+    ri, rw = ref.moe_route(logits.cpu(), None, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                           routed_scaling_factor=1.5, score_func=score_func)
+    assert torch.equal(i.cpu(), ri)
+    torch.testing.assert_close(w.cpu(), rw, rtol=2e-6, atol=1e-7)
+    # the hand case where max and top-2 sum disagree
+    s = torch.tensor([[0.90, 0.10, 0.60, 0.60]], device="cuda")
+    l = torch.log(s / (1 - s))
+    kw = dict(top_k=1, n_group=2, topk_group=1, routed_scaling_factor=1.0)
+    assert ops.moe_route(l, None, **kw)[0].tolist() == [[0]]
+    assert ops.moe_route(l, torch.zeros(4, device="cuda"), **kw)[0].tolist() == [[2]]
+
+
 def test_route_ties_and_nan_on_gpu():
     l = torch.zeros(5, 64, device="cuda")
     l[1, 3] = float("nan")

@@ -96,7 +96,8 @@ __global__ void __launch_bounds__(256) route_kernel(const __grid_constant__ Rout
         const float hi = fmaxf(a, oa), lo = fmaxf(fminf(a, oa), fmaxf(b, ob));
         a = hi; b = lo;
       }
-      float score = G >= 2 ? a + b : a;
+      // DeepSeek's reference gate: top-2 sum with a correction bias (V3), the group max without (V2).
+      float score = (G >= 2 && p.bias != nullptr) ? a + b : a;
       score = (score != score) ? kNegInf : score;  // inf + -inf ranks as -inf (the reference does the same)
       if (lane == g) my_group = score;
     }

@@ -3,8 +3,9 @@
 Routing (DeepSeek-V3 gate, see docs/moe.md):
 - ``s = sigmoid(logits)`` (or ``softmax``) in fp32; selection scores ``c = s + bias`` (bias fp32,
   selection only). A NaN in ``c`` counts as ``-inf`` for selection.
-- group score = sum of the top-2 of ``c`` inside each of ``n_group`` equal groups (top-1 if a group has
-  one expert); the ``topk_group`` best groups are kept, every expert of another group gets ``-inf``.
+- group score (DeepSeek's reference gate): with a bias, the sum of the top-2 of ``c`` inside each of
+  ``n_group`` equal groups (top-1 if a group has one expert; V3's rule); without a bias, the group max
+  (V2's rule). The ``topk_group`` best groups are kept, every expert of another group gets ``-inf``.
 - ``topk_idx`` = the ``top_k`` largest masked ``c``, in descending order; ties go to the lowest index
   (groups too); a NaN group score (``inf + -inf``) ranks as ``-inf``.
   ``topk_weights = s[topk_idx]`` (unbiased), optionally divided by ``(w_0 + w_1 + ... + w_{k-1}) + 1e-20``
@@ -63,7 +64,7 @@ def moe_route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: 
     if topk_group < n_group:
         grouped = c.view(T, n_group, G)
         top2 = torch.sort(grouped, dim=-1, descending=True, stable=True).values[..., : min(2, G)]
-        gscore = top2[..., 0] + top2[..., 1] if G >= 2 else top2[..., 0]
+        gscore = top2[..., 0] + top2[..., 1] if G >= 2 and bias is not None else top2[..., 0]
         # NOTE: +inf + -inf (an infinite bias beside masked scores) is NaN: it ranks as -inf, like c.
         gscore = torch.where(torch.isnan(gscore), torch.full_like(gscore, float("-inf")), gscore)
         keep_groups = _desc_order(gscore)[:, :topk_group]
