@@ -559,3 +559,51 @@ def test_zero_sizes_other_moe_ops(T):
     assert y.shape == (T, 9) and (y == 0).all()
     loss = ops.sequence_balance_loss(torch.rand(T, 16), idx)
     assert loss.item() == 0.0
+
+
+def test_sequence_balance_loss_degenerate_cases():
+    """Scores that all underflow to 0 for a token, k = 0, no sequence: finite, defined values and gradients."""
+    S, E, k = 6, 8, 2
+    logits = torch.randn(S, E, dtype=torch.float64)
+    logits[2] = -800.0  # sigmoid underflows to exactly 0 in fp64 for every expert
+    s = logits.sigmoid().requires_grad_(True)
+    assert (s[2] == 0).all()
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(S)])
+    loss = ops.sequence_balance_loss(s, idx, alpha=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all() and (s.grad[2] == 0).all()
+    # independent: the underflowed token adds nothing to P; f counts every token's picks
+    f = torch.zeros(E, dtype=torch.float64)
+    for t in range(S):
+        for e in idx[t].tolist():
+            f[e] += E / (k * S)
+    sd = s.detach()
+    P = sum(sd[t] / sd[t].sum() for t in range(S) if t != 2) / S
+    torch.testing.assert_close(loss.detach(), 0.1 * (f * P).sum())
+    # k = 0: no slot routed, loss 0 (and differentiable)
+    s0 = torch.rand(2, S, E, requires_grad=True)
+    l0 = ops.sequence_balance_loss(s0, torch.empty(2, S, 0, dtype=torch.long))
+    l0.backward()
+    assert l0.item() == 0.0 and (s0.grad == 0).all()
+    # no sequence
+    assert ops.sequence_balance_loss(torch.rand(0, S, E), torch.zeros(0, S, k, dtype=torch.long)).item() == 0.0
+
+
+def test_update_expert_bias_rejects_non_finite_load():
+    b = torch.zeros(4)
+    for bad in (float("nan"), float("inf")):
+        load = torch.tensor([1.0, bad, 2.0, 3.0])
+        with pytest.raises(ValueError, match=r"dsmoe\.update_expert_bias: argument 'load' must be finite.*first at expert 1"):
+            ops.update_expert_bias(b, load, 0.1)
+        assert (b == 0).all()  # nothing applied before the error
+    with pytest.raises(TypeError, match="'load'"):
+        ops.update_expert_bias(b, torch.ones(4, dtype=torch.bool), 0.1)
+    # where values cannot be read back (compiled), the documented fallback: the bias is left unchanged
+    f = torch.compile(lambda b, l: ops.update_expert_bias(b, l, 0.1), fullgraph=True, backend="aot_eager")
+    f(b, torch.tensor([1.0, float("nan"), 2.0, 3.0]))
+    assert (b == 0).all()
+    f(b, torch.tensor([1.0, 5.0, 2.0, 4.0]))
+    assert b.tolist() == pytest.approx([0.1, -0.1, 0.1, -0.1])
+    # integer counts: no check needed, the usual step; an all-zero load is a no-op
+    ops.update_expert_bias(b, torch.zeros(4, dtype=torch.int64), 0.1)
+    assert b.tolist() == pytest.approx([0.1, -0.1, 0.1, -0.1])

@@ -216,3 +216,12 @@ def test_moe_zero_tokens_forward_backward(fp8, shape):
     assert moe.aux_loss.item() == 0.0 and moe.load.sum() == 0
     for n, p in moe.named_parameters():
         assert p.grad is None or (p.grad == 0).all(), n
+
+
+def test_moe_update_bias_nan_load_raises():
+    """A NaN in the accumulated load used to be skipped silently (NaN > 0 is False)."""
+    moe = MoE(_moe_cfg(), fp8=False).train()
+    moe.load[3] = float("nan")
+    with pytest.raises(ValueError, match=r"argument 'load' must be finite"):
+        moe.update_bias(0.01)
+    assert (moe.gate.e_score_correction_bias == 0).all()

@@ -261,7 +261,7 @@ class MoE(nn.Module):
         if self.ep_group is not None:
             import torch.distributed as dist
             dist.all_reduce(load, group=self.ep_group)
-        if load.sum() > 0:
-            ops.update_expert_bias(self.gate.e_score_correction_bias, load, g)
+        # NOTE: no `load.sum() > 0` guard: an all-zero load is a no-op step, and the guard hid a NaN load
+        ops.update_expert_bias(self.gate.e_score_correction_bias, load, g)
         self.load.zero_()
         return load

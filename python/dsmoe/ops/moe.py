@@ -372,20 +372,35 @@ def expert_load(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:
     """Auxiliary-loss-free balancing (V3): in place, ``bias -= gamma`` for experts whose load is above
-    the mean and ``+= gamma`` below it. ``load [E]``: tokens per expert over the batch. Returns ``bias``."""
+    the mean and ``+= gamma`` below it. ``load [E]``: tokens per expert over the batch. Returns ``bias``.
+
+    A NaN or infinite load is an error (ValueError naming 'load'). Integer loads (``expert_load``'s
+    counts) cannot hold one: no check, no host sync. A floating load is checked by reading one flag back,
+    a host sync on a GPU; under torch.compile or CUDA-graph capture, where nothing can be read back, the
+    check is skipped and a non-finite load leaves the whole bias unchanged (see dsmoe.ref.moe)."""
     op = "update_expert_bias"
     C.check_tensor(op, "bias", bias, dtypes=_FLOAT_ALL, ndim=1)
     C.check_tensor(op, "load", load, ndim=1)
+    if load.dtype == torch.bool or load.is_complex():
+        raise TypeError(f"dsmoe.{op}: argument 'load' must be a real (integer or floating) tensor, got {load.dtype}")
     C.check_shape(op, "load", load, tuple(bias.shape))
     C.check_same_device(op, {"bias": bias, "load": load})
     gamma = C.check_float(op, "gamma", gamma, min_value=0.0)
+    if load.is_floating_point() and load.numel() and C.can_read_device_values(load):
+        bad = ~torch.isfinite(load)
+        n_bad = int(bad.sum())  # NOTE: the one host read (a sync on a GPU), floating loads only
+        if n_bad:
+            raise ValueError(f"dsmoe.{op}: argument 'load' must be finite (tokens per expert), got {n_bad} NaN/inf "
+                             f"value(s), first at expert {int(bad.nonzero()[0, 0])}")
     return ref.update_expert_bias(bias, load, gamma)
 
 
 def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, *, alpha: float = 1e-4) -> torch.Tensor:
     """V3's complementary sequence-wise balance loss ``alpha * sum_i f_i P_i`` (mean over sequences),
     differentiable in ``scores``. ``scores``: unbiased affinities ``[S, E]`` or ``[B, S, E]``;
-    ``topk_idx`` ``[S, k]`` or ``[B, S, k]`` (-1 skipped). See dsmoe.ref.moe.sequence_balance_loss."""
+    ``topk_idx`` ``[S, k]`` or ``[B, S, k]`` (-1 skipped). No token (S = 0 or B = 0) or no slot (k = 0):
+    the loss is 0; a token whose scores all underflow to 0 adds nothing to ``P`` (finite loss and
+    gradient). See dsmoe.ref.moe.sequence_balance_loss."""
     op = "sequence_balance_loss"
     C.check_tensor(op, "scores", scores, dtypes=_FLOAT_ALL, ndim=(2, 3))
     _check_topk_idx(op, topk_idx, scores.shape[-1], ndim=scores.dim())

@@ -188,10 +188,13 @@ def expert_load(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
 @torch.no_grad()
 def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:
     """Auxiliary-loss-free balancing step, in place: ``b -= gamma`` where load > mean(load),
-    ``b += gamma`` where load < mean(load), unchanged where equal. Returns ``bias``."""
+    ``b += gamma`` where load < mean(load), unchanged where equal. A load with a NaN or infinite entry
+    leaves the whole bias unchanged (decided on the device: no host sync; dsmoe.ops raises instead
+    wherever it can read the values back). Returns ``bias``."""
     lf = load.double()
     mean = lf.mean()
-    step = torch.where(lf > mean, -gamma, torch.where(lf < mean, gamma, 0.0)).to(bias.dtype)
+    step = torch.where(lf > mean, -gamma, torch.where(lf < mean, gamma, 0.0))
+    step = torch.where(torch.isfinite(lf).all(), step, torch.zeros_like(step)).to(bias.dtype)
     bias.add_(step)
     return bias
 
@@ -202,18 +205,24 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, *, alpha
     ``scores [S, E]`` or ``[B, S, E]``: the unbiased affinities ``s`` (sigmoid outputs);
     ``topk_idx [S, k]`` or ``[B, S, k]``. ``f_i = E / (k S) * #{t : i in topk_t}`` (no gradient),
     ``P_i = mean_t s_{i,t} / sum_j s_{j,t}``. Entries -1 are not counted.
+    Degenerate cases (defined, never NaN): no token (S = 0 or B = 0) or no slot (k = 0): 0 (still
+    connected to ``scores``); a token whose scores all underflow to 0 has no distribution to
+    normalize: it adds 0 to ``P`` and gets a zero gradient.
     """
     sc = scores if scores.dim() == 3 else scores.unsqueeze(0)
     ti = topk_idx if topk_idx.dim() == 3 else topk_idx.unsqueeze(0)
     B, S, E = sc.shape
     k = ti.shape[-1]
-    if S == 0 or B == 0:  # no token: no imbalance (and no NaN from a mean over nothing)
+    if S == 0 or B == 0 or k == 0:  # no token or no slot: no imbalance (and no 0/0)
         return sc.sum() * 0.0
     with torch.no_grad():
         t = ti.long()
         onehot = torch.zeros(B, S, E + 1, dtype=sc.dtype, device=sc.device)
         onehot.scatter_add_(2, torch.where(t >= 0, t, E), torch.ones_like(t, dtype=sc.dtype))
         f = onehot[..., :E].sum(1) * (E / (k * S))
-    sn = sc / sc.sum(-1, keepdim=True)
+    den = sc.sum(-1, keepdim=True)
+    # NOTE: the safe denominator keeps the gradient of the where's unused branch finite (0 * inf = NaN)
+    pos = den > 0
+    sn = torch.where(pos, sc / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(sc))
     P = sn.mean(1)
     return alpha * (f * P).sum(-1).mean()
