@@ -315,3 +315,80 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(qa, sa, qb, sb, x)
     for e, c in zip(eager, compiled):
         assert torch.equal(e, c)
+
+
+# ----------------------------------------------------------------------------- validate=False: the kernels' rule
+def _bad_m_indices(idx, G):
+    """Layout violations that validate=False lets through, one per aligned block where possible."""
+    bad = idx.clone()
+    bad[2] = G + 5       # an id past the groups inside group 0's block
+    bad[4] = -7          # an id below -1
+    bad[6] = 1 % G       # another group's row inside group 0's block (G >= 2: group 1)
+    bad[1] = -1          # a hole inside the group
+    bad[128] = -1        # block 1: its first row is padding, later rows are group 1's
+    bad[300] = 0         # block 2 (all padding): a stray group-0 row
+    return bad
+
+
+def _kernel_rule_rows(idx, G):
+    """For each row, the group it is computed with (-1: not written), from the kernels' rule as the
+    spec states it: a 128-row block's group is its first row's id; rows equal to it (in [0, G)) only."""
+    out = []
+    for r, v in enumerate(idx.tolist()):
+        first = int(idx[r // 128 * 128])
+        out.append(v if v == first and 0 <= first < G else -1)
+    return torch.tensor(out)
+
+
+def test_contiguous_unvalidated_bad_m_indices_follow_the_kernel_rule():
+    qa, sa, qb, sb, idx = make_contiguous([100, 120, 0], 256, 128)
+    G = 3
+    bad = _bad_m_indices(torch.cat([idx, torch.full((128,), -1, dtype=torch.int32)]), G)
+    qa2, sa2 = quant_a(torch.randn(bad.numel(), 256))
+    out = poison((bad.numel(), 128), torch.bfloat16, "cpu")
+    ops.m_grouped_fp8_gemm_nt_contiguous(qa2, sa2, qb, sb, bad, out=out, validate=False)
+    rows_g = _kernel_rule_rows(bad, G)
+    assert rows_g[[1, 2, 4, 6, 128, 129, 300]].tolist() == [-1] * 7 and rows_g[[0, 3, 5]].tolist() == [0] * 3
+    assert torch.isnan(out[rows_g < 0]).all()
+    for g in range(G):
+        rows = (rows_g == g).nonzero().squeeze(1)
+        if rows.numel():
+            want = deq_a(qa2[rows], sa2[rows]) @ deq_b(qb[g], sb[g]).t()
+            assert not torch.isnan(out[rows]).any() and calc_diff(out[rows], want) < 1e-5
+
+
+@pytest.mark.parametrize("sizes", [[128, 64, 256], [-128, 384], [256, 256], [128], [0, 0, 0], [1000, 128]])
+def test_k_grouped_unvalidated_bad_sizes_follow_the_kernel_rule(sizes):
+    """max(size, 0) // 128 blocks per group, cut where T ends; every group written; tokens past the
+    last group unused."""
+    T, M, N = 384, 64, 128
+    qa, sa = ops.per_token_group_quant_fp8_transposed(torch.randn(T, M))
+    qb, sb = ops.per_token_group_quant_fp8_transposed(torch.randn(T, N))
+    gs = torch.tensor(sizes, dtype=torch.int32)
+    out = poison((len(sizes), M, N), torch.float32, "cpu")
+    ops.k_grouped_fp8_gemm_tn_contiguous(qa, sa, qb, sb, gs, out=out, validate=False)
+    A, B = deq_a(qa, sa), deq_a(qb, sb)
+    blk = 0
+    for g, s in enumerate(sizes):
+        n = min(max(s, 0) // 128, T // 128 - blk)
+        want = A[:, blk * 128:(blk + n) * 128] @ B[:, blk * 128:(blk + n) * 128].t()
+        if n == 0:
+            assert (out[g] == 0).all()
+        else:
+            assert calc_diff(out[g], want) < 1e-10
+        blk += n
+    acc = torch.ones(len(sizes), M, N)
+    ops.k_grouped_fp8_gemm_tn_contiguous(qa, sa, qb, sb, gs, out=acc, accumulate=True, validate=False)
+    assert torch.allclose(acc, out + 1, rtol=1e-5, atol=1e-4)
+
+
+def test_k_grouped_no_group_must_cover_T():
+    qa, sa = ops.per_token_group_quant_fp8_transposed(torch.randn(256, 64))
+    qb, sb = ops.per_token_group_quant_fp8_transposed(torch.randn(256, 128))
+    none = torch.empty(0, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"'group_sizes': must sum to T=256.*got 0 \(no group\)"):
+        ops.k_grouped_fp8_gemm_tn_contiguous(qa, sa, qb, sb, none)
+    assert ops.k_grouped_fp8_gemm_tn_contiguous(qa, sa, qb, sb, none, validate=False).shape == (0, 64, 128)
+    qa0, sa0 = ops.per_token_group_quant_fp8_transposed(torch.randn(0, 64))
+    qb0, sb0 = ops.per_token_group_quant_fp8_transposed(torch.randn(0, 128))
+    assert ops.k_grouped_fp8_gemm_tn_contiguous(qa0, sa0, qb0, sb0, none).shape == (0, 64, 128)

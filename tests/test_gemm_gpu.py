@@ -338,3 +338,40 @@ def test_transposed_quant_special_values_bit_identical(dtype, ue8m0):
     assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
     assert same_bits_nan_aware(s, rs)
     assert (q[:, T:].view(torch.uint8) == 0).all(), "padding tokens must quantize to zero bytes"
+
+
+def test_contiguous_unvalidated_bad_m_indices_agree_with_cpu():
+    """validate=False with layout violations: the kernel writes exactly the rows the CPU path writes
+    (the rule in dsmoe.ref.gemm), with the same values."""
+    sizes, N, K = [100, 120, 0], 256, 512
+    G = len(sizes)
+    qa, sa, idx = make_contiguous(sizes + [0], K)
+    idx = torch.cat([idx.cpu(), torch.full((128,), -1, dtype=torch.int32)])
+    bad = idx.clone()
+    bad[2], bad[4], bad[6], bad[1], bad[128], bad[300] = G + 5, -7, 1, -1, -1, 0
+    qa, sa = q_act(torch.randn(bad.numel(), K, device=DEV))
+    qb, sb = weights(G, N, K)
+    out = poison((bad.numel(), N), torch.bfloat16, DEV)
+    ops.m_grouped_fp8_gemm_nt_contiguous(qa, sa, qb, sb, bad.to(DEV), out=out, validate=False)
+    cpu = poison((bad.numel(), N), torch.bfloat16, "cpu")
+    ops.m_grouped_fp8_gemm_nt_contiguous(qa.cpu(), sa.cpu(), qb.cpu(), sb.cpu(), bad, out=cpu, validate=False)
+    written = ~torch.isnan(cpu).any(1)
+    assert written.sum() > 0 and (~written).sum() > 0
+    assert torch.equal(torch.isnan(out.cpu()).all(1), ~written)
+    check(out.cpu()[written].double(), cpu[written].double())
+
+
+@pytest.mark.parametrize("sizes", [[128, 64, 256], [-128, 384], [256, 256], [128], [1000, 128]])
+def test_k_grouped_unvalidated_bad_sizes_agree_with_cpu(sizes):
+    T, M, N = 384, 256, 384
+    qa, sa = ops.per_token_group_quant_fp8_transposed(torch.randn(T, M, device=DEV))
+    qb, sb = ops.per_token_group_quant_fp8_transposed(torch.randn(T, N, device=DEV))
+    gs = torch.tensor(sizes, dtype=torch.int32)
+    out = poison((len(sizes), M, N), torch.float32, DEV)
+    ops.k_grouped_fp8_gemm_tn_contiguous(qa, sa, qb, sb, gs.to(DEV), out=out, validate=False)
+    cpu = ops.k_grouped_fp8_gemm_tn_contiguous(qa.cpu(), sa.cpu(), qb.cpu(), sb.cpu(), gs, validate=False)
+    for g in range(len(sizes)):
+        if (cpu[g] == 0).all():
+            assert (out[g] == 0).all()
+        else:
+            check(out[g].cpu().double(), cpu[g].double())

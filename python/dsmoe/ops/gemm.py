@@ -9,8 +9,10 @@ Every op checks its arguments here, before any launch; the launcher checks them 
 Values that live on the device (``m_indices``, ``masked_m``, ``group_sizes``) are checked too when that
 is possible without breaking CUDA-graph capture or ``torch.compile``: in eager mode by default (one
 host synchronization; pass ``validate=False`` to skip it). The kernels never read or write out of
-bounds whatever those values are: an out-of-range ``m_indices`` entry is treated as padding,
-``masked_m`` is clamped to ``[0, M_max]``, and a k-grouped group past the end of T contributes nothing.
+bounds whatever those values are, and the CPU path does exactly what they do (dsmoe.ref.gemm states
+it): an ``m_indices`` entry outside ``[0, G)`` or not matching its aligned block's first row is
+padding, ``masked_m`` is clamped to ``[0, M_max]``, a k-grouped size takes ``max(size, 0) // 128``
+blocks cut at the end of T.
 """
 from __future__ import annotations
 
@@ -396,6 +398,8 @@ def k_grouped_fp8_gemm_tn_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b:
         _check_out(op, out, (G, M, N), (_F32,))
     C.check_same_device(op, {"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales,
                              "group_sizes": group_sizes, "out": out})
+    if validate and G == 0 and T != 0:  # known on the host: no value to read back
+        raise ValueError(f"dsmoe.{op}: argument 'group_sizes': must sum to T={T} (columns of 'a'), got 0 (no group)")
     if G > 0 and _eager_device_checks(validate, group_sizes):
         gs = group_sizes.to(torch.int64)
         bad = (gs < 0) | (gs % _BK != 0)

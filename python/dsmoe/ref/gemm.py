@@ -15,14 +15,21 @@ Layouts:
   ``b_scales [ceil(N/128), K/128]`` fp32, ``d [M, N]``.
 - contiguous grouped: ``a [M_sum, K]`` rows grouped by expert, ``m_indices [M_sum]`` int32 with the
   group of each row or -1 for padding rows; ``b [G, N, K]``, ``b_scales [G, ceil(N/128), K/128]``.
-  Padding rows of ``out`` are never written.
+  Padding rows of ``out`` are never written. Any ``m_indices`` (what the kernel does, exactly): rows go
+  in aligned blocks of 128; a block's group is the id of its first row; a row is computed with that
+  group and written iff its id equals it and it lies in ``[0, G)``; every other row is padding (an id
+  outside ``[0, G)``, a row of another group inside the block, every row of a block whose first id is
+  not a group).
 - masked grouped: ``a [G, M_max, K]``, ``masked_m [G]`` int32: rows ``>= masked_m[g]`` of group g are
   never written (``masked_m`` is clamped to ``[0, M_max]``).
 - TN (weight gradient): operands are the transposes of the token-major tensors, quantized 1x128 along
   the token dim T: ``a [M, T]`` (= dY^T) with ``a_scales [M, T/128]``, ``b [N, T]`` (= X^T) with
   ``b_scales [N, T/128]``; ``d [M, N] = a @ b^T`` in fp32. The k-grouped variant splits T into
   consecutive groups of ``group_sizes[g]`` tokens (each a multiple of 128) and writes ``d [G, M, N]``.
-  With ``accumulate=True`` the result is added to ``out`` (``out += a @ b^T``).
+  With ``accumulate=True`` the result is added to ``out`` (``out += a @ b^T``). Any ``group_sizes``
+  (what the kernel does, exactly): group g takes ``max(size, 0) // 128`` blocks of 128 tokens, cut
+  where T ends; every group's ``d[g]`` is written (0 for an empty group, unchanged with accumulate);
+  tokens past the last group contribute nothing.
 
 These functions are vectorized over K blocks (batched matmuls in fp32, in chunks that bound memory);
 Python loops run over K-block chunks and groups only, never over rows.
@@ -98,11 +105,15 @@ def m_grouped_fp8_gemm_nt_contiguous(a, a_scales, b, b_scales, m_indices, *, out
     """d [M_sum, N] (bf16): row r uses group ``m_indices[r]``; rows with -1 are not written (their
     content is whatever ``out`` held; uninitialized when ``out`` is None)."""
     G, N, _ = b.shape
+    M = a.shape[0]
     if out is None:
-        out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=a.device)
+        out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
     idx = m_indices.to(torch.int64)
-    for g in torch.unique(idx[idx >= 0]).tolist():
-        rows = (idx == g).nonzero().squeeze(1)
+    # the group of each row's aligned block: the id of the block's first row (the kernel reads that one)
+    first = idx[torch.arange(M, device=idx.device) // M_ALIGNMENT * M_ALIGNMENT]
+    row_g = torch.where((idx == first) & (first >= 0) & (first < G), idx, torch.full_like(idx, -1))
+    for g in torch.unique(row_g[row_g >= 0]).tolist():
+        rows = (row_g == g).nonzero().squeeze(1)
         d = _scaled_block_gemm(a[rows], a_scales[rows], b[g], _expand_block_scales(b_scales[g], N))
         out.index_copy_(0, rows, d.to(out.dtype))
     return out
@@ -138,22 +149,26 @@ def fp8_gemm_tn(a, a_scales, b, b_scales, *, out=None, accumulate=False):
 
 def k_grouped_fp8_gemm_tn_contiguous(a, a_scales, b, b_scales, group_sizes, *, out=None, accumulate=False):
     """d [G, M, N] fp32: ``d[g] (+)= a[:, T_g] @ b[:, T_g]^T`` where T_g is the g-th run of
-    ``group_sizes[g]`` consecutive tokens (each a multiple of 128, summing to T)."""
+    ``group_sizes[g]`` consecutive tokens (each a multiple of 128, summing to T; other sizes: see the
+    module docstring)."""
     M, N = a.shape[0], b.shape[0]
     sizes = [int(s) for s in group_sizes.tolist()]
     G = len(sizes)
     if out is None:
         out = torch.zeros(G, M, N, dtype=torch.float32, device=a.device)
         accumulate = False
-    t0 = 0
+    total_blocks = a.shape[1] // BLOCK_K
+    k0 = 0
     for g, tg in enumerate(sizes):
-        k0, k1 = t0 // BLOCK_K, (t0 + tg) // BLOCK_K
-        d = _scaled_block_gemm(a[:, t0:t0 + tg], a_scales[:, k0:k1], b[:, t0:t0 + tg], b_scales[:, k0:k1])
+        kb = max(0, min(max(tg, 0) // BLOCK_K, total_blocks - k0))
+        k1 = k0 + kb
+        c0, c1 = k0 * BLOCK_K, k1 * BLOCK_K
+        d = _scaled_block_gemm(a[:, c0:c1], a_scales[:, k0:k1], b[:, c0:c1], b_scales[:, k0:k1])
         if accumulate:
             out[g] += d
         else:
             out[g].copy_(d)
-        t0 += tg
+        k0 = k1
     return out
 
 
