@@ -392,3 +392,17 @@ def test_k_grouped_no_group_must_cover_T():
     qa0, sa0 = ops.per_token_group_quant_fp8_transposed(torch.randn(0, 64))
     qb0, sb0 = ops.per_token_group_quant_fp8_transposed(torch.randn(0, 128))
     assert ops.k_grouped_fp8_gemm_tn_contiguous(qa0, sa0, qb0, sb0, none).shape == (0, 64, 128)
+
+
+def test_fp8_gemm_nt_out_dtype_and_out_must_agree():
+    qa, sa = quant_a(torch.randn(5, 256))
+    qb, sb = ops.per_block_quant_fp8(torch.randn(128, 256))
+    out = torch.empty(5, 128)
+    assert ops.fp8_gemm_nt(qa, sa, qb, sb, out=out, out_dtype=torch.float32) is out  # consistent: fine
+    assert ops.fp8_gemm_nt(qa, sa, qb, sb).dtype == torch.bfloat16                    # the default
+    with pytest.raises(TypeError, match=r"'out_dtype'=torch\.bfloat16 disagrees with argument 'out' of dtype torch\.float32"):
+        ops.fp8_gemm_nt(qa, sa, qb, sb, out=out, out_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"argument 'out_dtype' must be bfloat16 or float32"):
+        ops.fp8_gemm_nt(qa, sa, qb, sb, out=out, out_dtype=torch.float16)
+    with pytest.raises(TypeError, match="disagrees"):
+        ref.fp8_gemm_nt(qa, sa, qb, sb, out=torch.empty(5, 128, dtype=torch.bfloat16), out_dtype=torch.float32)

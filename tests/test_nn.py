@@ -225,3 +225,33 @@ def test_moe_update_bias_nan_load_raises():
     with pytest.raises(ValueError, match=r"argument 'load' must be finite"):
         moe.update_bias(0.01)
     assert (moe.gate.e_score_correction_bias == 0).all()
+
+
+def test_fp8_linear_wrong_width_names_the_layer():
+    lin = FP8Linear(256, 128)
+    for fp8 in (True, False):
+        lin.fp8 = fp8
+        with pytest.raises(ValueError, match=r"FP8Linear\(in_features=256, out_features=128\): argument 'x' must "
+                                             r"have in_features=256 in its last dim, got shape \(3, 200\)"):
+            lin(torch.randn(3, 200))
+    with pytest.raises(ValueError, match=r"in_features=256.*got shape \(\)"):
+        lin(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"argument 'in_features' must be an int >= 0, got -1"):
+        FP8Linear(-1, 128)
+    served = FP8Linear(256, 128)
+    served.load_fp8(*ops.per_block_quant_fp8(torch.randn(128, 256), (128, 128)))
+    with pytest.raises(ValueError, match=r"FP8Linear\(in_features=256, out_features=128\)"):
+        served(torch.randn(2, 5, 255))
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("K,N", [(0, 128), (128, 0), (0, 0), (72, 0)])
+def test_fp8_linear_zero_features(fp8, K, N):
+    """An empty weight is a product of nothing: zeros out, zero (or empty) gradients, FP8 or not."""
+    lin = FP8Linear(K, N, fp8=fp8)
+    x = torch.randn(2, 3, K, requires_grad=True)
+    y = lin(x)
+    assert y.shape == (2, 3, N) and (y == 0).all()
+    (y.sum() * 2).backward()
+    assert x.grad.shape == x.shape and (x.grad == 0).all()
+    assert lin.weight.grad.shape == (N, K)

@@ -103,8 +103,13 @@ class _FP8LinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor):
         N, K = weight.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, K)
+        # NOTE: the row count from the shape: reshape(-1, K) is ambiguous when K = 0
+        x2 = x.reshape(math.prod(lead), K)
         Np, Kp = ceil_to(N, _BLOCK), ceil_to(K, _BLOCK)
+        if N == 0 or K == 0:  # an empty product: zeros (nothing to quantize)
+            ctx.save_for_backward(x2, None, None)
+            ctx.shape = (N, K, Np, Kp)
+            return x.new_zeros(*lead, N)
         wp = pad_to(pad_to(weight, 0, _BLOCK), 1, _BLOCK)
         wq, ws = _quant_w(wp)
         xq, xs = _quant_act(pad_to(x2, 1, _BLOCK))
@@ -117,9 +122,10 @@ class _FP8LinearFn(torch.autograd.Function):
     def backward(ctx, gy: torch.Tensor):
         x2, wq, ws = ctx.saved_tensors
         N, K, Np, Kp = ctx.shape
-        g2 = gy.reshape(-1, N).to(x2.dtype)
+        g2 = gy.reshape(x2.shape[0], N).to(x2.dtype)
         dx = dw = None
-        if g2.shape[0] == 0:   # no tokens: zero gradients (an empty grad may come with zero strides)
+        if g2.shape[0] == 0 or N == 0 or K == 0:
+            # no tokens or an empty weight: zero gradients (an empty grad may come with zero strides)
             return gy.new_zeros(*gy.shape[:-1], K), torch.zeros(N, K, dtype=torch.float32, device=gy.device)
         if ctx.needs_input_grad[0]:
             gq, gs = _quant_act(pad_to(g2, 1, _BLOCK))
@@ -142,7 +148,9 @@ def _fp8_serving_linear(x, w_fp8, scale_inv, use_fp8: bool):
         w = ops.per_block_dequant_fp8(w_fp8, scale_inv, (_BLOCK, _BLOCK), out_dtype=x.dtype)
         return F.linear(x, w)
     lead = x.shape[:-1]
-    x2 = pad_to(x.reshape(-1, K), 1, _BLOCK)
+    if N == 0 or K == 0:
+        return x.new_zeros(*lead, N)
+    x2 = pad_to(x.reshape(math.prod(lead), K), 1, _BLOCK)
     if N % _BLOCK or K % _BLOCK:
         # zero e4m3 bytes are 0.0; padded scales are 1 (any finite value works for zero blocks)
         wp = pad_to(pad_to(w_fp8.view(torch.uint8), 0, _BLOCK), 1, _BLOCK).view(_FP8)
@@ -166,6 +174,9 @@ class FP8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, fp8: bool = True, dtype=None, device=None):
         super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"FP8Linear: argument '{name}' must be an int >= 0, got {v!r}")
         self.in_features, self.out_features = in_features, out_features
         self.fp8 = fp8
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype or torch.float32, device=device))
@@ -193,12 +204,19 @@ class FP8Linear(nn.Module):
         return self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{self._layer_name()}: argument 'x' must have in_features={self.in_features} in its "
+                             f"last dim, got {got}")
         use = self.fp8 and _STATE["enabled"]
         if self.is_fp8_weight:
             return _fp8_serving_linear(x, self.weight, self.weight_scale_inv, use)
         if use:
             return fp8_linear(x, self.weight)
         return F.linear(x, self.weight.to(x.dtype))
+
+    def _layer_name(self) -> str:
+        return f"FP8Linear(in_features={self.in_features}, out_features={self.out_features})"
 
     def extra_repr(self) -> str:
         mode = "fp8-weight" if self.is_fp8_weight else ("fp8" if self.fp8 else "master-dtype")

@@ -148,24 +148,28 @@ def _(a, a_scales, b, b_scales, out):
 
 
 def fp8_gemm_nt(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor, *,
-                out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``d [M, N] = a [M, K] @ b [N, K]^T`` with FP32 promotion every 128 of K.
 
     a: e4m3 [M, K], a_scales: fp32 [M, K/128] (row-major or MN-major); b: e4m3 [N, K] (N a multiple of
     64, K of 128), b_scales: fp32 [ceil(N/128), K/128]. ``out`` (optional, [M, N], bf16 or fp32) is
-    written in full; otherwise a new tensor of ``out_dtype`` is returned.
+    written in full; otherwise a new tensor of ``out_dtype`` (default bfloat16) is returned. Both given:
+    ``out_dtype`` must be ``out``'s dtype (a TypeError otherwise, rather than one silently ignored).
     """
     op = "fp8_gemm_nt"
     M, N, K = _check_2d_pair(op, a, b, "K")
     _check_scales(op, "a_scales", a_scales, (M, K // _BK))
     _check_scales(op, "b_scales", b_scales, (-(-N // _BK), K // _BK))
     C.check_last_dim_contiguous(op, "b_scales", b_scales)
+    if out_dtype is not None and out_dtype not in _OUT_NT:
+        raise TypeError(f"dsmoe.{op}: argument 'out_dtype' must be bfloat16 or float32, got {out_dtype!r}")
     if out is None:
-        if out_dtype not in _OUT_NT:
-            raise TypeError(f"dsmoe.{op}: argument 'out_dtype' must be bfloat16 or float32, got {out_dtype!r}")
-        out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+        out = torch.empty(M, N, dtype=out_dtype or torch.bfloat16, device=a.device)
     else:
         _check_out(op, out, (M, N), _OUT_NT)
+        if out_dtype is not None and out.dtype != out_dtype:
+            raise TypeError(f"dsmoe.{op}: argument 'out_dtype'={out_dtype} disagrees with argument 'out' of dtype "
+                            f"{out.dtype}; pass one of them, or the same dtype")
     C.check_same_device(op, {"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales, "out": out})
     torch.ops.dsmoe.fp8_gemm_nt(a, a_scales, b, b_scales, out)
     return out

@@ -91,12 +91,15 @@ def _expand_block_scales(b_scales: torch.Tensor, N: int) -> torch.Tensor:
     return b_scales.float().repeat_interleave(BLOCK_K, dim=0)[:N]
 
 
-def fp8_gemm_nt(a, a_scales, b, b_scales, *, out=None, out_dtype=torch.bfloat16):
-    """d [M, N] = a [M, K] @ b [N, K]^T with 1x128 scales on a and 128x128 scales on b."""
+def fp8_gemm_nt(a, a_scales, b, b_scales, *, out=None, out_dtype=None):
+    """d [M, N] = a [M, K] @ b [N, K]^T with 1x128 scales on a and 128x128 scales on b; a new tensor of
+    ``out_dtype`` (default bfloat16) or written into ``out`` (then ``out_dtype``, if given, must match)."""
+    if out is not None and out_dtype is not None and out.dtype != out_dtype:
+        raise TypeError(f"fp8_gemm_nt: out_dtype={out_dtype} disagrees with out.dtype={out.dtype}")
     N = b.shape[0]
     d = _scaled_block_gemm(a, a_scales, b, _expand_block_scales(b_scales, N))
     if out is None:
-        return d.to(out_dtype)
+        return d.to(out_dtype or torch.bfloat16)
     out.copy_(d)
     return out
 
