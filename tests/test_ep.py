@@ -246,6 +246,25 @@ def test_layout_matches_loop_random():
     assert ntr.dtype == nte.dtype == torch.int32
 
 
+def test_layout_rejects_ids_out_of_range():
+    """Only -1 is skipped: -2 and ids >= E are a ValueError naming topk_idx (not an IndexError or a silent skip)."""
+    for bad in (-2, 8, 100):
+        idx = torch.tensor([[0, 5], [bad, 3]], dtype=torch.int32)
+        with pytest.raises(ValueError, match=r"dsmoe\.get_dispatch_layout: argument 'topk_idx': values must be in "
+                                             r"\[-1, 8\) \(-1 = skipped\)"):
+            get_dispatch_layout(idx, 8, 4)
+        # unchecked (validate=False, or while capturing): skipped like -1, never an out-of-bounds access
+        ntr, nte, in_rank = get_dispatch_layout(idx, 8, 4, validate=False)
+        assert in_rank.tolist() == [[True, False, True, False], [False, True, False, False]]
+        assert nte.tolist() == [1, 0, 0, 1, 0, 1, 0, 0] and ntr.tolist() == [1, 1, 1, 0]
+    with pytest.raises(ValueError, match=r"'num_experts'=9 must be a multiple of world_size=4"):
+        get_dispatch_layout(torch.zeros(1, 1, dtype=torch.int64), 9, 4)
+    with pytest.raises(TypeError, match=r"'topk_idx' must have dtype int32 or int64"):
+        get_dispatch_layout(torch.zeros(1, 1), 8, 4)
+    ntr, nte, in_rank = get_dispatch_layout(torch.empty(0, 3, dtype=torch.int64), 8, 4)
+    assert ntr.tolist() == [0] * 4 and nte.tolist() == [0] * 8 and in_rank.shape == (0, 4)
+
+
 def test_nvlink_owner_weight_grad_matches_masked_sum():
     """The nvlink backward takes slot j's weight gradient from the rank owning expert topk_idx[t, j]; the
     collective backend sums the gradients of every rank masked to its local slots. Same numbers."""

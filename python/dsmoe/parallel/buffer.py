@@ -83,14 +83,25 @@ class EPConfig:
         return self.world_size * self.max_tokens_per_rank * row
 
 
-def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, world_size: int):
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, world_size: int, *, validate: bool = True):
     """``(num_tokens_per_rank int32 [W], num_tokens_per_expert int32 [E], is_token_in_rank bool [T, W])``.
 
-    A token counts once per rank that hosts any of its experts; -1 entries are skipped."""
+    A token counts once per rank that hosts any of its experts; -1 entries are skipped. Any other id
+    outside ``[0, E)`` is a ValueError naming 'topk_idx' (``validate=True``: reads the range back, a host
+    sync on a GPU, skipped while compiling or capturing a CUDA graph); unchecked, such ids are skipped
+    like -1 (as the permutation layout kernel does), never an out-of-bounds access."""
+    op = "get_dispatch_layout"
+    C.check_tensor(op, "topk_idx", topk_idx, dtypes=(torch.int32, torch.int64), ndim=2)
+    C.check_int(op, "num_experts", num_experts, min_value=1)
+    C.check_int(op, "world_size", world_size, min_value=1)
+    if num_experts % world_size:
+        raise ValueError(f"dsmoe.{op}: argument 'num_experts'={num_experts} must be a multiple of world_size={world_size}")
+    if validate:
+        C.check_index_range(op, "topk_idx", topk_idx, -1, num_experts, "-1 = skipped")
     T, k = topk_idx.shape
     L = num_experts // world_size
     idx = topk_idx.long()
-    valid = idx >= 0
+    valid = (idx >= 0) & (idx < num_experts)
     rank_of = torch.where(valid, idx // L, torch.full_like(idx, world_size))
     in_rank = torch.zeros(T, world_size + 1, dtype=torch.bool, device=idx.device)
     in_rank.scatter_(1, rank_of, True)
