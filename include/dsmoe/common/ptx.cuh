@@ -86,6 +86,18 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint
 #endif
 }
 
+// ---------------------------------------------------------------- math
+// 2^x with MUFU.EX2 alone. exp2f without --use_fast_math wraps MUFU.EX2 in denormal scaling code on
+// every call; ex2.approx.ftz flushes denormal inputs and results to zero instead. The softmax only
+// evaluates 2^(s - rowmax) <= 1 into sums that hold the row max's 1, so a term below 2^-126 is lost to
+// rounding either way. ex2(-inf) = +0, NaN stays NaN; error about 2 ulp (PTX ISA), far below the
+// fp32 accumulation error.
+__device__ __forceinline__ float ex2_approx_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---------------------------------------------------------------- cp.async (sm_80+)
 // 16-byte async copy global -> shared; src_bytes = 0 writes 16 zero bytes.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {

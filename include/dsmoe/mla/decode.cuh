@@ -5,7 +5,8 @@
 //  - 2 warpgroups (256 threads). Per 64-token page: WG w computes S[:, 32w .. 32w+32) = Q K^T with
 //    wgmma m64n32k16 (36 k-steps over 576), the row max is exchanged through smem, WG w writes its half
 //    of P (bf16) to smem, then WG w computes O[:, 256w .. 256w+256) += P V with wgmma m64n256k16
-//    (V read MN-major from the same page tile). Online softmax in fp32 with exp2.
+//    (V read MN-major from the same page tile). Online softmax in fp32 with exp2 (ex2.approx.ftz); the
+//    row sum adds the fp32 probabilities, P is rounded to bf16 only as the PV MMA operand.
 //  - pages stream through a 2-stage cp.async pipeline (page i+1 loads while page i computes); tokens
 //    past the sequence are zero-filled by cp.async (src-size 0), never read.
 //  - FP8 cache: e4m3 latent bytes are staged (2 stages) and dequantized to bf16 into the K tile in smem
@@ -290,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
         // NOTE: a row that has seen nothing yet keeps m = -inf; use 0 as the exponent base so that
         // exp2(-inf - base) = 0 and no inf - inf NaN appears.
         const float base = (m_new == -INFINITY) ? 0.f : m_new;
-        alpha[h] = (m_run[h] == -INFINITY) ? 0.f : exp2f(m_run[h] - base);
+        alpha[h] = (m_run[h] == -INFINITY) ? 0.f : ex2_approx_ftz(m_run[h] - base);
         m_run[h] = m_new;
         mx[h] = base;
       }
@@ -300,13 +301,14 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
       for (int j = 0; j < 4; ++j) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float p0 = exp2f(s[4 * j + 2 * h] - mx[h]);
-          const float p1 = exp2f(s[4 * j + 2 * h + 1] - mx[h]);
-          __nv_bfloat162 pb = __floats2bfloat162_rn(p0, p1);
-          // NOTE: the row sum uses the bf16-rounded P that the PV MMA multiplies, so O / l is a
-          // properly normalized average of V.
-          const float2 pr = __bfloat1622float2(pb);
-          rs[h] += pr.x + pr.y;
+          const float p0 = ex2_approx_ftz(s[4 * j + 2 * h] - mx[h]);
+          const float p1 = ex2_approx_ftz(s[4 * j + 2 * h + 1] - mx[h]);
+          // NOTE: the row sum adds the fp32 probabilities, before P is rounded to bf16 for the PV MMA:
+          // summing the rounded values biases l (and the lse) by up to ~1e-3 at short lengths, since
+          // the rounding errors of the few large P do not average out. The output then carries only
+          // P's own bf16 rounding (O / l is off by that relative amount), as in FlashMLA.
+          rs[h] += p0 + p1;
+          const __nv_bfloat162 pb = __floats2bfloat162_rn(p0, p1);
           const int r = r0 + 8 * h;
           const int tok = wg * 32 + 8 * j + 2 * qc;
           *reinterpret_cast<__nv_bfloat162*>(sp + sw128(r, tok / 8) + (tok % 8) * 2) = pb;

@@ -17,6 +17,7 @@ namespace mla {
 using ::dsmoe::ptx::cp_async_16;
 using ::dsmoe::ptx::cp_async_commit;
 using ::dsmoe::ptx::cp_async_wait;
+using ::dsmoe::ptx::ex2_approx_ftz;
 using ::dsmoe::ptx::fence_proxy_async;
 using ::dsmoe::ptx::fence_regs;
 using ::dsmoe::ptx::make_desc_sw128;
