@@ -4,6 +4,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <mutex>
 
 #include "common.h"
@@ -93,11 +94,41 @@ CUtensorMap tmap_scales(const char* op, const char* arg, uintptr_t ptr, int64_t 
 }
 
 // ------------------------------------------------------------------ launch
+// NOTE: host cost per call. What never changes for a device is cached here: the shared-memory opt-in
+// limit (per device) and the kernels' dynamic-smem attribute (per device and instantiation, raised
+// only when a config needs more than was set). The tensor maps are encoded on every call: they hold
+// the operands' addresses (new for most activations), and cuTensorMapEncodeTiled only packs its
+// arguments into a 128-byte descriptor on the host (no GPU work, no synchronization). A cache would
+// have to key on every argument to stay correct; not worth it before a GPU profile says otherwise.
+constexpr int kMaxCachedDevices = 64;
+
+int smem_optin(int dev) {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};  // 0: not queried yet
+  if (dev < kMaxCachedDevices) {
+    const int v = cache[dev].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int v = 0;
+  DSMOE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (dev < kMaxCachedDevices) cache[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+
 template <Kind kKind, int BM, int BN>
-void run(const GemmParams& p, int num_ctas, cudaStream_t stream) {
+void run(const GemmParams& p, int num_ctas, int dev, cudaStream_t stream) {
   const int smem = gemm::gemm_smem_bytes(kKind, BM, BN, p.num_stages);
   auto kernel = gemm::fp8_gemm_kernel<kKind, BM, BN>;
-  DSMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  static std::atomic<int> smem_set[kMaxCachedDevices] = {};  // largest opt-in set so far, per device
+  if (dev >= kMaxCachedDevices || smem_set[dev].load(std::memory_order_acquire) < smem) {
+    // NOTE: serialized so that concurrent callers can only raise the attribute (a smaller value set
+    // last would make the other caller's launch fail).
+    static std::mutex mu;
+    std::lock_guard<std::mutex> lock(mu);
+    if (dev >= kMaxCachedDevices || smem_set[dev].load(std::memory_order_relaxed) < smem) {
+      DSMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      if (dev < kMaxCachedDevices) smem_set[dev].store(smem, std::memory_order_release);
+    }
+  }
   kernel<<<num_ctas, 128 * (1 + BM / 64), smem, stream>>>(p);
   check_launch("dsmoe::fp8_gemm_kernel", stream);
 }
@@ -119,34 +150,31 @@ const char* kind_name(Kind k) {
   }
 }
 
-// Checks the device and the configuration; fills the config fields of p.
-void check_config(const char* op, Kind kind, int bm, int bn, int stages, int num_ctas, int raster, GemmParams& p) {
-  int dev = 0, major = 0, minor = 0, smem_optin = 0;
+// Checks the build, the device and the configuration; fills the config fields of p. Returns the
+// (current) device the launch goes to.
+int check_config(const char* op, Kind kind, int bm, int bn, int stages, int num_ctas, int raster, GemmParams& p) {
+  require_sm90a(op);  // a build with sm_90a code, and an sm_90 device
+  int dev = 0;
   DSMOE_CUDA_CHECK(cudaGetDevice(&dev));
-  DSMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  DSMOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  DSMOE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  if (major != 9 || minor != 0) {
-    throw std::runtime_error(std::string("dsmoe.") + op + ": the FP8 GEMM kernels need an sm_90 (Hopper) GPU, this device is sm_" +
-                             std::to_string(major) + std::to_string(minor));
-  }
+  const int optin = smem_optin(dev);
   DSMOE_CHECK_ARG(compiled(kind, bm, bn), op, "config", "(kind=", kind_name(kind), ", block_m=", bm, ", block_n=", bn,
                   ") is not compiled; see dsmoe.gemm_config.INSTANTIATIONS");
   DSMOE_CHECK_ARG(stages >= kMinStages && stages <= kMaxStages, op, "config", "num_stages must be in [", kMinStages, ", ",
                   kMaxStages, "], got ", stages);
   const int smem = gemm::gemm_smem_bytes(kind, bm, bn, stages);
-  DSMOE_CHECK_ARG(smem <= smem_optin, op, "config", "num_stages=", stages, " needs ", smem,
-                  " bytes of shared memory, the device allows ", smem_optin);
+  DSMOE_CHECK_ARG(smem <= optin, op, "config", "num_stages=", stages, " needs ", smem,
+                  " bytes of shared memory, the device allows ", optin);
   DSMOE_CHECK_ARG(num_ctas >= 1 && num_ctas <= 65535, op, "config", "num_ctas must be in [1, 65535], got ", num_ctas);
   DSMOE_CHECK_ARG(raster >= 1 && raster <= 65535, op, "config", "raster_group_n must be >= 1, got ", raster);
   p.num_stages = stages;
   p.raster_group_n = raster;
+  return dev;
 }
 
-void dispatch(Kind kind, int bm, int bn, const GemmParams& p, int num_ctas, cudaStream_t stream) {
+void dispatch(Kind kind, int bm, int bn, const GemmParams& p, int num_ctas, int dev, cudaStream_t stream) {
 #define X(k, m, n)                                  \
   if (kind == Kind::k && bm == m && bn == n) {      \
-    run<Kind::k, m, n>(p, num_ctas, stream);        \
+    run<Kind::k, m, n>(p, num_ctas, dev, stream);   \
     return;                                         \
   }
   DSMOE_GEMM_INSTANTIATIONS(X)
@@ -198,7 +226,7 @@ void launch_fp8_gemm_nt(uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t 
   check_block(op, block_m, block_n);
   const Kind kind = out_f32 ? Kind::kDenseF32 : Kind::kDense;
   GemmParams p{};
-  check_config(op, kind, block_m, block_n, num_stages, num_ctas, raster_group_n, p);
+  const int dev = check_config(op, kind, block_m, block_n, num_stages, num_ctas, raster_group_n, p);
   check_out(op, out);
   check_nt_b_scales(op, b_scales, N, K, sb_ld, 0, 1);
   p.tmap_a = tmap_fp8_2d(op, "a", a, K, M, K, block_m);
@@ -213,7 +241,7 @@ void launch_fp8_gemm_nt(uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t 
   p.N = static_cast<int>(N);
   p.K = static_cast<int>(K);
   p.num_groups = 1;
-  dispatch(kind, block_m, block_n, p, num_ctas, as_stream(stream));
+  dispatch(kind, block_m, block_n, p, num_ctas, dev, as_stream(stream));
 }
 
 void launch_m_grouped_fp8_gemm_nt_contiguous(uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t b_scales,
@@ -229,7 +257,7 @@ void launch_m_grouped_fp8_gemm_nt_contiguous(uintptr_t a, uintptr_t a_scales, ui
   if (M == 0 || N == 0 || K == 0) return;
   check_block(op, block_m, block_n);
   GemmParams p{};
-  check_config(op, Kind::kContiguous, block_m, block_n, num_stages, num_ctas, raster_group_n, p);
+  const int dev = check_config(op, Kind::kContiguous, block_m, block_n, num_stages, num_ctas, raster_group_n, p);
   check_out(op, out);
   DSMOE_CHECK_ARG(m_indices != 0 && is_aligned(m_indices, 4), op, "m_indices", "must be a 4-byte aligned device pointer");
   check_nt_b_scales(op, b_scales, N, K, sb_ld_n, sb_ld_g, G);
@@ -246,7 +274,7 @@ void launch_m_grouped_fp8_gemm_nt_contiguous(uintptr_t a, uintptr_t a_scales, ui
   p.N = static_cast<int>(N);
   p.K = static_cast<int>(K);
   p.num_groups = static_cast<int>(G);
-  dispatch(Kind::kContiguous, block_m, block_n, p, num_ctas, as_stream(stream));
+  dispatch(Kind::kContiguous, block_m, block_n, p, num_ctas, dev, as_stream(stream));
 }
 
 void launch_m_grouped_fp8_gemm_nt_masked(uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t b_scales,
@@ -261,7 +289,7 @@ void launch_m_grouped_fp8_gemm_nt_masked(uintptr_t a, uintptr_t a_scales, uintpt
   if (G == 0 || M_max == 0 || N == 0 || K == 0) return;
   check_block(op, block_m, block_n);
   GemmParams p{};
-  check_config(op, Kind::kMasked, block_m, block_n, num_stages, num_ctas, raster_group_n, p);
+  const int dev = check_config(op, Kind::kMasked, block_m, block_n, num_stages, num_ctas, raster_group_n, p);
   check_out(op, out);
   DSMOE_CHECK_ARG(masked_m != 0 && is_aligned(masked_m, 4), op, "masked_m", "must be a 4-byte aligned device pointer");
   check_nt_b_scales(op, b_scales, N, K, sb_ld_n, sb_ld_g, G);
@@ -278,7 +306,7 @@ void launch_m_grouped_fp8_gemm_nt_masked(uintptr_t a, uintptr_t a_scales, uintpt
   p.N = static_cast<int>(N);
   p.K = static_cast<int>(K);
   p.num_groups = static_cast<int>(G);
-  dispatch(Kind::kMasked, block_m, block_n, p, num_ctas, as_stream(stream));
+  dispatch(Kind::kMasked, block_m, block_n, p, num_ctas, dev, as_stream(stream));
 }
 
 void launch_k_grouped_fp8_gemm_tn(uintptr_t a, uintptr_t a_scales, uintptr_t b, uintptr_t b_scales,
@@ -292,7 +320,7 @@ void launch_k_grouped_fp8_gemm_tn(uintptr_t a, uintptr_t a_scales, uintptr_t b, 
   if (M == 0 || N == 0 || G == 0) return;
   check_block(op, block_m, block_n);
   GemmParams p{};
-  check_config(op, Kind::kKGrouped, block_m, block_n, num_stages, num_ctas, raster_group_n, p);
+  const int dev = check_config(op, Kind::kKGrouped, block_m, block_n, num_stages, num_ctas, raster_group_n, p);
   check_out(op, out);
   if (group_sizes != 0) DSMOE_CHECK_ARG(is_aligned(group_sizes, 4), op, "group_sizes", "must be 4-byte aligned");
   if (T == 0) {  // no K blocks: the product is zero
@@ -313,7 +341,7 @@ void launch_k_grouped_fp8_gemm_tn(uintptr_t a, uintptr_t a_scales, uintptr_t b, 
   p.K = static_cast<int>(T);
   p.num_groups = static_cast<int>(G);
   p.accumulate = accumulate ? 1 : 0;
-  dispatch(Kind::kKGrouped, block_m, block_n, p, num_ctas, as_stream(stream));
+  dispatch(Kind::kKGrouped, block_m, block_n, p, num_ctas, dev, as_stream(stream));
 }
 
 void launch_transpose_quant_fp8(uintptr_t x, int dtype, uintptr_t q, uintptr_t scales, int64_t T, int64_t K,

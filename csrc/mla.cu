@@ -70,6 +70,7 @@ void launch_mla_decode(uintptr_t q, uintptr_t kv, uintptr_t block_table, uintptr
   DSMOE_CHECK_ARG(is_aligned(kv, 16) && kv_block_bytes % 16 == 0, kDec, "kv_cache",
                   "pointer and page stride must be 16-byte aligned (page stride ", kv_block_bytes, " bytes)");
   DSMOE_CHECK_ARG(max_blocks * 64 <= INT32_MAX / 2, kDec, "block_table", "too many columns: ", max_blocks);
+  require_sm90a(kDec);  // the decode kernel is sm_90a code (wgmma): refuse other builds and devices
   mla::DecodeParams p{};
   p.q = reinterpret_cast<const __nv_bfloat16*>(q);
   p.kv = reinterpret_cast<const uint8_t*>(kv);

@@ -13,6 +13,7 @@ token count).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 __all__ = ["GemmConfig", "KINDS", "INSTANTIATIONS", "SMEM_LIMIT", "choose_config", "smem_bytes", "max_stages"]
@@ -89,6 +90,13 @@ def choose_config(M: int, N: int, K: int, num_sms: int, kind: str = "dense") -> 
             raise ValueError(f"dsmoe.gemm_config: {name} must be a non-negative int, got {v!r}")
     if num_sms < 1:
         raise ValueError(f"dsmoe.gemm_config: num_sms must be >= 1, got {num_sms}")
+    return _choose(M, N, K, num_sms, kind)
+
+
+# NOTE: every GEMM call asks for its config; the answer is a pure function of a few ints (the result is
+# a frozen dataclass), so it is memoized to keep the per-call host cost to a dict lookup.
+@functools.lru_cache(maxsize=4096)
+def _choose(M: int, N: int, K: int, num_sms: int, kind: str) -> GemmConfig:
     options = sorted({(bm, bn) for k, bm, bn in INSTANTIATIONS if k == kind})
     cost = {64: 1.15, 128: 1.0}
     best = None

@@ -18,8 +18,22 @@ def collect() -> dict:
             p = torch.cuda.get_device_properties(i)
             gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
                          "memory_gib": round(p.total_memory / 2**30, 1)})
-    ops = {name: {"family": o.family, "cuda_kernel": o.cuda_kernel_available(), "kernels": list(o.kernels), "note": o.note}
+    try:
+        disabled = sorted(_native.disabled_kernels())
+        disabled_error = None
+    except ValueError as e:  # reported, not raised: `dsmoe info` is where one looks for the cause
+        disabled, disabled_error = [], str(e)
+    ops = {name: {"family": o.family, "cuda_kernel": o.cuda_kernel_available(), "kernels": list(o.kernels), "note": o.note,
+                  "disabled": bool(o.kernels) and o.family in disabled}
            for name, o in sorted(OPS.items(), key=lambda kv: (kv[1].family, kv[0]))}
+    driver = C.cuda_driver_version() if C is not None and hasattr(C, "cuda_driver_version") else 0
+    runtime = int(build.get("cudart_version", 0) or 0)
+    checks = {
+        "driver_version": driver,
+        "driver_problem": _native.driver_problem(runtime, driver) if runtime else None,
+        "sm90a_problem": [_native.sm90a_problem(build, tuple(int(x) for x in g["capability"].split("."))) for g in gpus]
+        if gpus else [_native.sm90a_problem(build, None)],
+    }
     return {
         "dsmoe": __version__,
         "native_module": C is not None,
@@ -29,6 +43,9 @@ def collect() -> dict:
         "python": platform.python_version(),
         "driver_devices": C.cuda_device_count() if C is not None else 0,
         "gpus": gpus,
+        "disabled_kernels": disabled,
+        "disabled_kernels_error": disabled_error,
+        "checks": checks,
         "ops": ops,
     }
 
@@ -53,8 +70,21 @@ def main(as_json: bool = False) -> int:
             print(f"GPU {g['index']}: {g['name']} (sm_{g['capability'].replace('.', '')}, {g['sms']} SMs, {g['memory_gib']} GiB)")
     else:
         print("GPU: none found (CPU tensors run the references)")
+    ch = info["checks"]
+    if b.get("cuda_compiled"):
+        drv = ch["driver_version"]
+        print(f"CUDA driver: {'none found' if drv <= 0 else f'supports CUDA {drv // 1000}.{drv % 1000 // 10}'}"
+              + (f"  PROBLEM: {ch['driver_problem']}" if ch["driver_problem"] else "  (ok for this build)"))
+        for p in dict.fromkeys(x for x in ch["sm90a_problem"] if x):
+            print(f"sm_90a kernels: PROBLEM: {p}")
+    if info["disabled_kernels_error"]:
+        print(f"DSMOE_DISABLE_KERNELS: INVALID: {info['disabled_kernels_error']} (every op with a CUDA kernel raises until it is fixed)")
+    elif info["disabled_kernels"]:
+        print(f"DSMOE_DISABLE_KERNELS: {', '.join(info['disabled_kernels'])} run the torch reference on CUDA tensors")
     print(f"{'op':40s} {'family':8s} CUDA kernel")
     for name, o in info["ops"].items():
         k = "yes" if o["cuda_kernel"] else ("torch" if not o["kernels"] else "not built")
+        if o["disabled"]:
+            k = "disabled (DSMOE_DISABLE_KERNELS: torch reference)"
         print(f"{name:40s} {o['family']:8s} {k}{('  (' + o['note'] + ')') if o['note'] else ''}")
     return 0

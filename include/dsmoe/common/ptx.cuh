@@ -6,7 +6,7 @@
 // Semantics as in the PTX ISA. Every wrapper that orders memory is `asm volatile` with a "memory"
 // clobber, so the compiler keeps them in program order. Instructions that need sm_90a have an empty
 // body when compiled for another architecture (the kernels that use them guard their own bodies with
-// DSMOE_SM90A, and the launchers refuse other devices).
+// DSMOE_SM90A and trap otherwise, and the launchers refuse such builds and other devices).
 #pragma once
 #include <cstdint>
 
@@ -14,6 +14,17 @@
 #define DSMOE_SM90A 1
 #else
 #define DSMOE_SM90A 0
+#endif
+
+// The #else body of a kernel guarded by DSMOE_SM90A (a build with e.g. DSMOE_CUDA_ARCHS=90): trap, so
+// that a launch that got past the launcher's refusal (csrc require_sm90a) fails loudly instead of
+// "succeeding" with its outputs unwritten.
+#if defined(__CUDA_ARCH__)
+#define DSMOE_TRAP_NOT_SM90A() asm volatile("trap;")
+#else
+#define DSMOE_TRAP_NOT_SM90A() \
+  do {                         \
+  } while (0)
 #endif
 
 namespace dsmoe::ptx {

@@ -370,8 +370,9 @@ __global__ void __launch_bounds__(128 * (1 + BM / 64), 1) fp8_gemm_kernel(const 
     }
   }
 #else
-  // Built for another architecture: the launcher refuses devices other than sm_90, so this never runs.
+  // Built without sm_90a: the launcher refuses such a build (require_sm90a); trap if launched anyway.
   (void)p;
+  DSMOE_TRAP_NOT_SM90A();
 #endif
 }
 

@@ -387,6 +387,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
       }
     }
   }
+#else
+  // Built without sm_90a: the launcher refuses such a build (require_sm90a); trap if launched anyway.
+  (void)p;
+  DSMOE_TRAP_NOT_SM90A();
 #endif
 }
 

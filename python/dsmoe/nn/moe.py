@@ -66,6 +66,8 @@ class _GroupedLinearFn(torch.autograd.Function):
     NOTE: the layouts come from ops.moe_permute, valid by construction, so the GEMMs run with
     ``validate=False``: their eager check reads m_indices / group_sizes back to the host, a sync per
     GEMM (four per MoE layer and step) on a GPU.
+    The activations are quantized with ``column_major_scales=True``: the MN-major, TMA-aligned scales the
+    grouped GEMM loads directly (row-major scales would be re-laid out by a copy on every call).
     """
 
     @staticmethod
@@ -74,7 +76,7 @@ class _GroupedLinearFn(torch.autograd.Function):
         valid = (m_indices >= 0).unsqueeze(1)
         if use_fp8:
             wq, ws = _quant_experts(weight)
-            xq, xs = ops.per_token_group_quant_fp8(pad_to(x, 1, _BLOCK).contiguous(), _BLOCK)
+            xq, xs = ops.per_token_group_quant_fp8(pad_to(x, 1, _BLOCK).contiguous(), _BLOCK, column_major_scales=True)
             y = ops.m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, m_indices, validate=False)[:, :N]
             y = torch.where(valid, y, torch.zeros((), dtype=y.dtype, device=y.device)).to(x.dtype)
             ctx.save_for_backward(x, m_indices, group_sizes, wq, ws)
@@ -96,7 +98,7 @@ class _GroupedLinearFn(torch.autograd.Function):
             x, m_indices, group_sizes, wq, ws = ctx.saved_tensors
             gp = pad_to(gy.to(x.dtype), 1, _BLOCK).contiguous()
             if ctx.needs_input_grad[0]:
-                gq, gs = ops.per_token_group_quant_fp8(gp, _BLOCK)
+                gq, gs = ops.per_token_group_quant_fp8(gp, _BLOCK, column_major_scales=True)
                 wt = wq.transpose(1, 2).contiguous()          # 128x128 block scales transpose exactly
                 st = ws.transpose(1, 2).contiguous()
                 dx = ops.m_grouped_fp8_gemm_nt_contiguous(gq, gs, wt, st, m_indices, validate=False)[:, :K]
@@ -120,7 +122,7 @@ class _GroupedLinearFn(torch.autograd.Function):
 def _grouped_serving(x, wq, ws, m_indices, group_sizes, use_fp8: bool):
     E, N, K = wq.shape
     if use_fp8 and N % _BLOCK == 0 and K % _BLOCK == 0:
-        xq, xs = ops.per_token_group_quant_fp8(x.contiguous(), _BLOCK)
+        xq, xs = ops.per_token_group_quant_fp8(x.contiguous(), _BLOCK, column_major_scales=True)
         y = ops.m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, m_indices, validate=False).to(x.dtype)
     else:
         w = torch.stack([ops.per_block_dequant_fp8(wq[e], ws[e], (_BLOCK, _BLOCK), out_dtype=x.dtype) for e in range(E)])

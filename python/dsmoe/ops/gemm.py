@@ -123,7 +123,7 @@ def _cfg_args(cfg) -> tuple:
 @torch.library.custom_op("dsmoe::fp8_gemm_nt", mutates_args=("out",))
 def _fp8_gemm_nt(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
                  out: torch.Tensor) -> None:
-    if a.device.type != "cuda":
+    if not _native.use_kernel("gemm", a):
         ref.fp8_gemm_nt(a, a_scales, b, b_scales, out=out)
         return
     M, K = a.shape
@@ -136,7 +136,7 @@ def _fp8_gemm_nt(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_sca
     sa = _tma_scales(a_scales)
     kind = "dense" if out.dtype == torch.bfloat16 else "dense_f32"
     cfg = _cfg(kind, M, N, K, a.device)
-    launch = _native.require_kernel("fp8_gemm_nt", "fp8_gemm_nt")
+    launch = _native.require_kernel("fp8_gemm_nt", "fp8_gemm_nt", a.device)
     launch(a.data_ptr(), sa.data_ptr(), b.data_ptr(), b_scales.data_ptr(), out.data_ptr(), M, N, K,
            _scale_strides(sa)[0], b_scales.stride(0), out.dtype == torch.float32, *_cfg_args(cfg),
            _native.stream(a))
@@ -179,7 +179,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scal
 @torch.library.custom_op("dsmoe::m_grouped_fp8_gemm_nt_contiguous", mutates_args=("out",))
 def _m_grouped_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
                           m_indices: torch.Tensor, out: torch.Tensor) -> None:
-    if a.device.type != "cuda":
+    if not _native.use_kernel("gemm", a):
         ref.m_grouped_fp8_gemm_nt_contiguous(a, a_scales, b, b_scales, m_indices, out=out)
         return
     M, K = a.shape
@@ -188,7 +188,7 @@ def _m_grouped_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tens
         return
     sa = _tma_scales(a_scales)
     cfg = _cfg("contiguous", M, N, K, a.device)
-    launch = _native.require_kernel("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_contiguous")
+    launch = _native.require_kernel("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_contiguous", a.device)
     launch(a.data_ptr(), sa.data_ptr(), b.data_ptr(), b_scales.data_ptr(), m_indices.data_ptr(), out.data_ptr(),
            M, N, K, G, _scale_strides(sa)[0], b_scales.stride(1), b_scales.stride(0), *_cfg_args(cfg),
            _native.stream(a))
@@ -261,7 +261,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b:
 @torch.library.custom_op("dsmoe::m_grouped_fp8_gemm_nt_masked", mutates_args=("out",))
 def _m_grouped_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
                       masked_m: torch.Tensor, expected_m: int, out: torch.Tensor) -> None:
-    if a.device.type != "cuda":
+    if not _native.use_kernel("gemm", a):
         ref.m_grouped_fp8_gemm_nt_masked(a, a_scales, b, b_scales, masked_m, expected_m, out=out)
         return
     G, M_max, K = a.shape
@@ -271,7 +271,7 @@ def _m_grouped_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, 
     sa = _tma_scales(a_scales)
     ld_k, ld_g = _scale_strides(sa)
     cfg = _cfg("masked", max(1, min(expected_m, M_max)), N, K, a.device)
-    launch = _native.require_kernel("m_grouped_fp8_gemm_nt_masked", "m_grouped_fp8_gemm_nt_masked")
+    launch = _native.require_kernel("m_grouped_fp8_gemm_nt_masked", "m_grouped_fp8_gemm_nt_masked", a.device)
     launch(a.data_ptr(), sa.data_ptr(), b.data_ptr(), b_scales.data_ptr(), masked_m.data_ptr(), out.data_ptr(),
            G, M_max, N, K, ld_k, ld_g, b_scales.stride(1), b_scales.stride(0), *_cfg_args(cfg), _native.stream(a))
 
@@ -328,7 +328,7 @@ def m_grouped_fp8_gemm_nt_masked(a: torch.Tensor, a_scales: torch.Tensor, b: tor
 def _k_grouped_tn(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
                   group_sizes: torch.Tensor | None, accumulate: bool, out: torch.Tensor) -> None:
     """group_sizes None: one group of all T tokens and ``out [M, N]`` (the dense fp8_gemm_tn)."""
-    if a.device.type != "cuda":
+    if not _native.use_kernel("gemm", a):
         if group_sizes is None:
             ref.fp8_gemm_tn(a, a_scales, b, b_scales, out=out, accumulate=accumulate)
         else:
@@ -341,7 +341,7 @@ def _k_grouped_tn(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_sc
         return
     sa, sb = _tma_scales(a_scales), _tma_scales(b_scales)
     cfg = _cfg("kgrouped", M, N, T, a.device)
-    launch = _native.require_kernel("k_grouped_fp8_gemm_tn_contiguous", "k_grouped_fp8_gemm_tn")
+    launch = _native.require_kernel("k_grouped_fp8_gemm_tn_contiguous", "k_grouped_fp8_gemm_tn", a.device)
     launch(a.data_ptr(), sa.data_ptr(), b.data_ptr(), sb.data_ptr(), _native.ptr(group_sizes), out.data_ptr(),
            M, N, T, G, _scale_strides(sa)[0], _scale_strides(sb)[0], bool(accumulate), *_cfg_args(cfg),
            _native.stream(a))
@@ -420,15 +420,15 @@ def k_grouped_fp8_gemm_tn_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b:
 # ----------------------------------------------------------------------------- transposed quantization
 @torch.library.custom_op("dsmoe::per_token_group_quant_fp8_transposed", mutates_args=())
 def _quant_t(x: torch.Tensor, scale_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.device.type == "cuda" and _native.has_kernel("transpose_quant_fp8"):
+    if _native.use_kernel("gemm", x) and _native.has_kernel("transpose_quant_fp8"):
         T, K = x.shape
         q, s = _alloc_quant_t(x)
         if T > 0 and K > 0:
-            _native.native().transpose_quant_fp8(x.data_ptr(), _native.DTYPE_CODES[x.dtype], q.data_ptr(), s.data_ptr(),
+            _native.require_kernel("per_token_group_quant_fp8_transposed", "transpose_quant_fp8", x.device)(x.data_ptr(), _native.DTYPE_CODES[x.dtype], q.data_ptr(), s.data_ptr(),
                                                  T, K, x.stride(0), q.stride(0), s.stride(1), bool(scale_ue8m0),
                                                  _native.stream(x))
         return q, s
-    if x.device.type == "cuda":  # a build without the fused kernel: transpose copy + the 1x128 quantizer
+    if _native.use_kernel("gemm", x):  # a build without the fused kernel: transpose copy + the 1x128 quantizer
         from .quant import per_token_group_quant_fp8
         T, K = x.shape
         xt = x.new_zeros(K, -(-T // _BK) * _BK)

@@ -13,7 +13,6 @@ the table), but it trusts the ids stored there.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from typing import Optional
@@ -47,9 +46,7 @@ _MAX_PARTS = 8192   # split parts (metadata rows) the kernels accept (csrc/mla.c
 def _on_device(t: torch.Tensor):
     """Makes t's GPU the current device for the launch (the launchers set per-device kernel attributes
     and launch on the current device); a no-op when it already is."""
-    if t.device.index is None or t.device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
+    return _native.on_device(t.device)
 
 
 def _check_enabled() -> bool:
@@ -110,7 +107,7 @@ def _check_table_values(op: str, block_table: torch.Tensor, cache_seqlens: torch
 @torch.library.custom_op("dsmoe::get_mla_metadata", mutates_args=())
 def _get_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
     B = cache_seqlens.shape[0]
-    if cache_seqlens.device.type != "cuda":
+    if not _native.use_kernel("mla", cache_seqlens):
         return ref.get_mla_metadata(cache_seqlens, 1, 1, num_sm_parts)
     md = torch.empty((num_sm_parts, ref.MLA_METADATA_FIELDS), dtype=torch.int32, device=cache_seqlens.device)
     ns = torch.empty((B + 1,), dtype=torch.int32, device=cache_seqlens.device)
@@ -160,9 +157,10 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, 
     op = "mla_decode_with_kvcache"
     B, s_q, H, _ = q.shape
     fp8 = kv_cache.dtype != _BF16
-    if q.device.type != "cuda" or _check_enabled():
+    kernel = _native.use_kernel("mla", q)
+    if not kernel or _check_enabled():
         _check_table_values(op, block_table, cache_seqlens, kv_cache.shape[0], s_q)
-    if q.device.type != "cuda":
+    if not kernel:
         return ref.mla_decode_with_kvcache(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
     out = torch.empty((B, s_q, H, head_dim_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, s_q), dtype=torch.float32, device=q.device)
@@ -261,9 +259,10 @@ def _append(kv_cache: torch.Tensor, block_table: torch.Tensor, batch_ids: torch.
             latent: torch.Tensor, k_rope: torch.Tensor, norm_weight: Optional[torch.Tensor], cos: Optional[torch.Tensor],
             sin: Optional[torch.Tensor], eps: float, rope_interleaved: bool, scale_ue8m0: bool) -> None:
     op = "mla_kvcache_append"
-    if kv_cache.device.type != "cuda" or _check_enabled():
+    kernel = _native.use_kernel("mla", kv_cache)
+    if not kernel or _check_enabled():
         _check_append_values(op, kv_cache, block_table, batch_ids, positions)
-    if kv_cache.device.type != "cuda":
+    if not kernel:
         ref.mla_kvcache_append(kv_cache, block_table, batch_ids, positions, latent, k_rope, norm_weight=norm_weight,
                                eps=eps, cos=cos, sin=sin, rope_interleaved=rope_interleaved, scale_ue8m0=scale_ue8m0)
         return

@@ -52,7 +52,7 @@ def _check_topk_idx(op: str, topk_idx: torch.Tensor, num_experts: int, ndim=2) -
 @torch.library.custom_op("dsmoe::moe_route", mutates_args=())
 def _route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
            routed_scaling_factor: float, norm_topk_prob: bool, score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if logits.device.type != "cuda":
+    if not _native.use_kernel("moe", logits):
         return ref.moe_route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
                              routed_scaling_factor=routed_scaling_factor, norm_topk_prob=norm_topk_prob,
                              score_func=score_func)
@@ -61,7 +61,7 @@ def _route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group:
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     if T == 0:
         return idx, w
-    launch = _native.require_kernel("moe_route", "moe_route")
+    launch = _native.require_kernel("moe_route", "moe_route", logits.device)
     b = bias.float().contiguous() if bias is not None else None
     launch(logits.data_ptr(), _native.DTYPE_CODES[logits.dtype], _native.ptr(b), idx.data_ptr(), w.data_ptr(),
            T, E, logits.stride(0), top_k, n_group, topk_group, float(routed_scaling_factor), bool(norm_topk_prob),
@@ -118,7 +118,7 @@ def moe_route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: 
 def _layout(topk_idx: torch.Tensor, num_experts: int, alignment: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """max_rows < 0: exact size."""
     mr = None if max_rows < 0 else max_rows
-    if topk_idx.device.type != "cuda":
+    if not _native.use_kernel("moe", topk_idx):
         return ref.moe_permute_layout(topk_idx, num_experts, alignment, mr)
     T, k = topk_idx.shape
     dev = topk_idx.device
@@ -129,7 +129,7 @@ def _layout(topk_idx: torch.Tensor, num_experts: int, alignment: int, max_rows: 
     m_indices = torch.empty(mr, dtype=torch.int32, device=dev)
     tpe = torch.empty(num_experts, dtype=torch.int32, device=dev)
     row_map = torch.empty(T, k, dtype=torch.int32, device=dev)
-    launch = _native.require_kernel("moe_permute", "moe_permute_layout")
+    launch = _native.require_kernel("moe_permute", "moe_permute_layout", dev)
     ws = torch.empty(_native.native().moe_layout_workspace_ints(T, k, num_experts), dtype=torch.int32, device=dev)
     idx = topk_idx.contiguous()
     launch(idx.data_ptr(), idx.dtype == torch.int64, T, k, num_experts, alignment, mr, m_indices.data_ptr(),
@@ -166,7 +166,7 @@ def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _launch_scatter(x, row_map, weights, out, m_indices):
     T, k = row_map.shape
-    launch = _native.require_kernel("moe_permute", "moe_scatter_rows")
+    launch = _native.require_kernel("moe_permute", "moe_scatter_rows", x.device)
     launch(x.data_ptr(), _native.DTYPE_CODES[x.dtype], row_map.data_ptr(), _native.ptr(weights), out.data_ptr(),
            _native.ptr(m_indices), T, k, x.shape[1], x.stride(0), out.shape[0], _native.stream(x))
 
@@ -176,7 +176,7 @@ def _scatter(x: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor | Non
              num_rows: int) -> torch.Tensor:
     """m_indices (optional, [num_rows]) tells the kernel which rows are padding (-1) so that it zeroes
     only those; without it the output is zeroed first."""
-    if x.device.type != "cuda":
+    if not _native.use_kernel("moe", x):
         return ref.moe_scatter_rows(x, row_map, weights, num_rows)
     out = torch.empty(num_rows, x.shape[1], dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -231,7 +231,7 @@ _scatter.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 @torch.library.custom_op("dsmoe::moe_scatter_rows_fp8", mutates_args=())
 def _scatter_fp8(x: torch.Tensor, row_map: torch.Tensor, m_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     R = m_indices.shape[0]
-    if x.device.type != "cuda":
+    if not _native.use_kernel("moe", x):
         from ..ref.quant import per_token_group_quant_fp8
         return per_token_group_quant_fp8(ref.moe_scatter_rows(x, row_map, None, R), 128)
     H = x.shape[1]
@@ -241,7 +241,7 @@ def _scatter_fp8(x: torch.Tensor, row_map: torch.Tensor, m_indices: torch.Tensor
         return q, s
     T, k = row_map.shape
     x, row_map, m_indices = _aligned_rows(x), row_map.contiguous(), m_indices.contiguous()
-    launch = _native.require_kernel("moe_permute", "moe_scatter_rows_fp8")
+    launch = _native.require_kernel("moe_permute", "moe_scatter_rows_fp8", x.device)
     launch(x.data_ptr(), _native.DTYPE_CODES[x.dtype], row_map.data_ptr(), m_indices.data_ptr(), q.data_ptr(),
            s.data_ptr(), T, k, H, x.stride(0), R, _native.stream(x))
     return q, s
@@ -255,14 +255,14 @@ def _(x, row_map, m_indices):
 
 @torch.library.custom_op("dsmoe::moe_unpermute", mutates_args=())
 def _unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    if y_perm.device.type != "cuda":
+    if not _native.use_kernel("moe", y_perm):
         return ref.moe_unpermute(y_perm, row_map, weights)
     T, k = row_map.shape
     H = y_perm.shape[1]
     out = torch.empty(T, H, dtype=y_perm.dtype, device=y_perm.device)
     if out.numel() == 0:
         return out
-    launch = _native.require_kernel("moe_unpermute", "moe_unpermute")
+    launch = _native.require_kernel("moe_unpermute", "moe_unpermute", y_perm.device)
     y_perm = _unit_stride_rows(y_perm)
     rm = row_map.contiguous()
     w = None if weights is None else weights.float().contiguous()

@@ -45,7 +45,7 @@ def _check_group_size(op: str, group_size) -> int:
 @torch.library.custom_op("dsmoe::per_token_group_quant_fp8", mutates_args=())
 def _token_group_quant(x: torch.Tensor, group_size: int, scale_ue8m0: bool,
                        column_major_scales: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.device.type != "cuda":
+    if not _native.use_kernel("quant", x):
         q, s = ref.per_token_group_quant_fp8(x, group_size, scale_ue8m0=scale_ue8m0,
                                              column_major_scales=column_major_scales)
         return q, s
@@ -69,7 +69,7 @@ def _token_group_quant(x: torch.Tensor, group_size: int, scale_ue8m0: bool,
         rows_inner, s_batch, s_row, s_col = M, (g * m_pad if x.dim() == 3 else 0), 1, m_pad
     else:
         rows_inner, s_batch, s_row, s_col = rows, 0, g, 1
-    launch = _native.require_kernel(op, "token_group_quant")
+    launch = _native.require_kernel(op, "token_group_quant", x.device)
     launch(x2.data_ptr(), _native.DTYPE_CODES[x.dtype], q.data_ptr(), s.data_ptr(), rows, K, x2.stride(0), K,
            rows_inner, s_batch, s_row, s_col, group_size, scale_ue8m0, _native.stream(x))
     return q, s
@@ -119,14 +119,14 @@ def per_token_group_dequant_fp8(x_fp8: torch.Tensor, scales: torch.Tensor, group
 # ----------------------------------------------------------------------------- per-block (weights)
 @torch.library.custom_op("dsmoe::per_block_quant_fp8", mutates_args=())
 def _block_quant(w: torch.Tensor, block_n: int, block_k: int, scale_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if w.device.type != "cuda":
+    if not _native.use_kernel("quant", w):
         return ref.per_block_quant_fp8(w, (block_n, block_k), scale_ue8m0=scale_ue8m0)
     N, K = w.shape
     q = torch.empty((N, K), dtype=_FP8, device=w.device)
     s = torch.empty((-(-N // block_n), -(-K // block_k)), dtype=torch.float32, device=w.device)
     if N == 0 or K == 0:
         return q, s
-    launch = _native.require_kernel("per_block_quant_fp8", "block_quant")
+    launch = _native.require_kernel("per_block_quant_fp8", "block_quant", w.device)
     launch(w.data_ptr(), _native.DTYPE_CODES[w.dtype], q.data_ptr(), s.data_ptr(), N, K, w.stride(0), K,
            block_n, block_k, scale_ue8m0, _native.stream(w))
     return q, s

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _checks as C
+from .. import _native
 
 __all__ = ["EPConfig", "EPBuffer", "EPHandle", "EPTimeoutError", "get_dispatch_layout"]
 
@@ -165,7 +166,14 @@ class EPBuffer:
         # in error messages (torch exposes no public getter for a group's timeout).
         self.timeout = timeout if timeout is not None else "set at init_process_group"
         self._nvlink = None
-        if backend == "nvlink":
+        if backend == "nvlink" and "ep" in _native.disabled_kernels():
+            # DSMOE_DISABLE_KERNELS=ep: the collective backend is the reference of the nvlink kernels. Its
+            # outputs are compact, so the worst-case sized graph_safe layout has no stand-in.
+            if graph_safe:
+                raise RuntimeError("dsmoe.EPBuffer: DSMOE_DISABLE_KERNELS disables the ep kernels, and the nvlink "
+                                   "backend's graph_safe=True layout has no reference; use graph_safe=False")
+            self.backend = "collective"
+        elif backend == "nvlink":
             from .nvlink import NVLinkTransport
             self._nvlink = NVLinkTransport(self)
 

@@ -140,16 +140,21 @@ class NVLinkTransport:
         self._exchange(region, src_rows, dest_rank, dest_row, counts, row_bytes, fanout)
 
     def _exchange(self, region, src_rows, dest_rank, dest_row, counts, row_bytes, fanout):
+        # NOTE: the buffers live on self.device; the launchers launch on the current device.
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        with _native.on_device(self.device):
+            self._launch(region, src_rows, dest_rank, dest_row, counts, row_bytes, fanout, stream)
+        self._last_region = region
+
+    def _launch(self, region, src_rows, dest_rank, dest_row, counts, row_bytes, fanout, stream):
         C, W = self.C, self.W
         data_off, cnt_off, flag_off, epoch_off, done_off, pitch = self._region(region)
-        stream = torch.cuda.current_stream().cuda_stream
         C.ep_copy_rows(src_rows.data_ptr(), dest_rank.data_ptr(), dest_row.data_ptr(), counts.data_ptr(),
                        [p + data_off for p in self.peers], [p + cnt_off for p in self.peers],
                        [p + flag_off for p in self.peers], self.base + epoch_off, self.base + done_off,
                        dest_rank.numel(), src_rows.stride(0) * src_rows.element_size(), row_bytes, pitch, self.T,
                        self.buf.rank, W, fanout, self.num_sms, stream)
         C.ep_wait(self.base + flag_off, self.base + epoch_off, self.base + self.o_err, W, self._timeout_s(), stream)
-        self._last_region = region
 
     # ------------------------------------------------------------------ dispatch
     def _check_open(self, what):
@@ -160,7 +165,7 @@ class NVLinkTransport:
         self._check_open("dispatch")
         fp8 = isinstance(x, (tuple, list))
         xs = x[0] if fp8 else x
-        if xs.device.type != "cuda" or topk_idx.device != xs.device:
+        if xs.device != self.device or topk_idx.device != xs.device:
             raise ValueError("dsmoe.EPBuffer.dispatch: the nvlink backend needs CUDA tensors on this rank's device")
         if not fp8 and xs.dtype not in _ELEM:
             raise TypeError(f"dsmoe.EPBuffer.dispatch: the nvlink backend moves bf16/fp16 or FP8 rows, got {xs.dtype}")
@@ -252,6 +257,8 @@ class NVLinkTransport:
         dev = y.device
         if y.dtype not in _ELEM:
             raise TypeError(f"dsmoe.EPBuffer.combine: the nvlink backend takes bf16/fp16 rows, got {y.dtype}")
+        if dev != self.device:
+            raise ValueError(f"dsmoe.EPBuffer.combine: argument 'y' must be on the buffer's device {self.device}, got {dev}")
         rc = nv["recv_counts"]
         if rc is not None:  # compact rows: row i came from source s, slot i - start_s
             src = torch.cat([torch.full((c,), s, dtype=torch.int32, device=dev) for s, c in enumerate(rc)]) if sum(rc) else \
