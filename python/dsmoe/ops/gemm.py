@@ -424,9 +424,9 @@ def _quant_t(x: torch.Tensor, scale_ue8m0: bool) -> tuple[torch.Tensor, torch.Te
         T, K = x.shape
         q, s = _alloc_quant_t(x)
         if T > 0 and K > 0:
-            _native.require_kernel("per_token_group_quant_fp8_transposed", "transpose_quant_fp8", x.device)(x.data_ptr(), _native.DTYPE_CODES[x.dtype], q.data_ptr(), s.data_ptr(),
-                                                 T, K, x.stride(0), q.stride(0), s.stride(1), bool(scale_ue8m0),
-                                                 _native.stream(x))
+            launch = _native.require_kernel("per_token_group_quant_fp8_transposed", "transpose_quant_fp8", x.device)
+            launch(x.data_ptr(), _native.DTYPE_CODES[x.dtype], q.data_ptr(), s.data_ptr(),
+                   T, K, x.stride(0), q.stride(0), s.stride(1), bool(scale_ue8m0), _native.stream(x))
         return q, s
     if _native.use_kernel("gemm", x):  # a build without the fused kernel: transpose copy + the 1x128 quantizer
         from .quant import per_token_group_quant_fp8
