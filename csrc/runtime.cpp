@@ -34,9 +34,10 @@ std::string insufficient_driver_hint(cudaError_t err) {
   cudaDriverGetVersion(&drv);
   std::ostringstream os;
   os << "; dsmoe._C links the CUDA " << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10
-     << " runtime statically and needs a driver that supports CUDA " << CUDART_VERSION / 1000
-     << ".0 or later, the installed one supports " << drv / 1000 << "." << (drv % 1000) / 10
-     << " (`python -m dsmoe info` names the driver branch)";
+     << " runtime statically and needs a driver that supports CUDA " << CUDART_VERSION / 1000 << ".0 or later; ";
+  if (drv <= 0) os << "no CUDA driver was found";
+  else os << "the installed one supports " << drv / 1000 << "." << (drv % 1000) / 10;
+  os << " (`python -m dsmoe info` names the driver branch)";
   return os.str();
 }
 
@@ -44,7 +45,7 @@ void require_sm90a(const char* op) {
   if (!kBuiltSm90a) {
     throw std::runtime_error(std::string("dsmoe.") + op + ": this dsmoe._C was compiled for CUDA archs '" + DSMOE_CUDA_ARCHS +
                              "' without 90a: the FP8 GEMM and MLA decode kernels need sm_90a (wgmma, setmaxnreg) and "
-                             "were compiled empty; rebuild with DSMOE_CUDA_ARCHS=90a");
+                             "this build holds only traps in their place; rebuild with DSMOE_CUDA_ARCHS=90a");
   }
   // NOTE: the compute capability of a device never changes: 1 = sm_90, 2 = another one (per device id).
   static std::atomic<int8_t> state[64] = {};

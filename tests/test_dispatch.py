@@ -169,3 +169,32 @@ def test_info_reports_disabled_kernels(monkeypatch):
     monkeypatch.setenv("DSMOE_DISABLE_KERNELS", "mlaa")
     info = collect()
     assert "unknown op family 'mlaa'" in info["disabled_kernels_error"]
+
+
+# ----------------------------------------------------------------------------- the built module (CI)
+_C = _native.native()
+needs_cuda_build = pytest.mark.skipif(not _native.cuda_compiled(), reason="dsmoe._C not imported or built without CUDA")
+
+
+@needs_cuda_build
+def test_build_info_archs_and_runtime():
+    info = _C.build_info
+    archs = [a.split("-")[0] for a in info["cuda_archs"].split(",")]
+    assert info["sm90a"] is ("90a" in archs)
+    major, minor = (int(v) for v in info["cuda_version"].split(".")[:2])
+    assert info["cudart_version"] == 1000 * major + 10 * minor
+    assert isinstance(_C.cuda_driver_version(), int)
+
+
+@needs_cuda_build
+@pytest.mark.skipif(_C is not None and hasattr(_C, "cuda_driver_version") and _C.cuda_driver_version() > 0,
+                    reason="a CUDA driver is present: the launchers would really launch")
+def test_launchers_refuse_cleanly_without_driver_or_sm90a():
+    """On a machine without a driver (CI), the GEMM and MLA decode launchers get past their argument
+    checks and must stop at the build/driver check with a RuntimeError that says why (a build without
+    sm_90a code is refused before any CUDA call)."""
+    want = "without 90a" if not _C.build_info["sm90a"] else "no CUDA driver was found"
+    with pytest.raises(RuntimeError, match=want):
+        _C.fp8_gemm_nt(1024, 1024, 1024, 1024, 1024, 128, 128, 128, 128, 1, False, 128, 128, 4, 1, 1, 0)
+    with pytest.raises(RuntimeError, match=want):
+        _C.mla_decode(*([1024] * 10), 1, 1, 1, 4, 1, 1, 576, 576, 576, 1, 64 * 576 * 2, False, 0.1, False, 0)
