@@ -14,7 +14,8 @@ What is emulated, per query row, following the kernel line by line:
   base = m_new (0 when -inf), alpha = 2^(m_run - base) (0 when m_run = -inf).
 - the 8 partial row sums of a row: thread qc (0..3) of warpgroup w owns tokens
   32 w + 8 j + 2 qc + {0, 1}, j = 0..3, and adds ``rs += p0 + p1`` in j order, then
-  ``l_run = l_run * alpha + rs`` (emulated as one fma: nvcc contracts it).
+  ``l_run = l_run * alpha + rs`` (emulated as one fma, as nvcc's default contraction may emit it;
+  either way the difference is one rounding).
 - end of the sequence: quad reduction ``l += shfl_xor(l, 1); l += shfl_xor(l, 2)``, then
   ``l = l_wg0 + l_wg1``; ``lse = (m_run + log2(l)) * ln 2``.
 - split-KV: each split's lse as above over its pages, then the combine kernel's
