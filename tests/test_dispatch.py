@@ -149,6 +149,34 @@ def test_require_kernel_checks_driver_once(monkeypatch):
     assert _native.require_kernel("my_op", "some_kernel")() == "launched"
 
 
+def test_require_kernel_makes_the_tensors_device_current(monkeypatch):
+    """The launchers query and launch on the current device: a launcher asked for a tensor on another
+    device must run with that device current (and without a switch when it already is)."""
+    current, seen = [0], []
+
+    class _Guard:
+        def __init__(self, device):
+            self.index = device.index
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    fake = _fake_native(13000, 13000)
+    fake.some_kernel = lambda *a: seen.append((current[0], a))
+    monkeypatch.setattr(_native, "_C", fake)
+    monkeypatch.setattr(_native, "_RUNTIME_OK", [])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", _Guard)
+    _native.require_kernel("my_op", "some_kernel", torch.device("cuda", 1))(7, 8)
+    _native.require_kernel("my_op", "some_kernel", torch.device("cuda", 0))(9)
+    with _native.on_device(torch.device("cuda", 2)):
+        inside = current[0]
+    assert seen == [(1, (7, 8)), (0, (9,))] and inside == 2 and current[0] == 0
+
+
 # ----------------------------------------------------------------------------- sm_90a build check
 def test_sm90a_problem():
     good = {"cuda_compiled": True, "sm90a": True, "cuda_archs": "90a"}
