@@ -226,3 +226,31 @@ def test_launchers_refuse_cleanly_without_driver_or_sm90a():
         _C.fp8_gemm_nt(1024, 1024, 1024, 1024, 1024, 128, 128, 128, 128, 1, False, 128, 128, 4, 1, 1, 0)
     with pytest.raises(RuntimeError, match=want):
         _C.mla_decode(*([1024] * 10), 1, 1, 1, 4, 1, 1, 576, 576, 576, 1, 64 * 576 * 2, False, 0.1, False, 0)
+
+
+def test_disable_ep_makes_nvlink_buffer_collective(monkeypatch):
+    """DSMOE_DISABLE_KERNELS=ep: EPBuffer(backend="nvlink") runs the collective backend (its reference),
+    and graph_safe=True, whose worst-case layout has no reference, is refused with a clear error."""
+    import torch.distributed as dist
+
+    from dsmoe.parallel import EPBuffer
+
+    monkeypatch.setenv("DSMOE_DISABLE_KERNELS", "ep")
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        buf = EPBuffer(None, 4, 16, backend="nvlink", max_tokens_per_rank=8)
+        assert buf.backend == "collective" and buf._nvlink is None
+        x = torch.randn(3, 16)
+        idx = torch.tensor([[0, 2], [1, -1], [3, 0]])
+        w = torch.rand(3, 2)
+        rx, ridx, rw, cnt, h = buf.dispatch(x, idx, w)
+        assert torch.equal(rx, x)  # one rank: every token comes back once
+        torch.testing.assert_close(buf.combine(rx, h), x)
+        buf.close()
+        with pytest.raises(RuntimeError, match="DSMOE_DISABLE_KERNELS.*graph_safe=False"):
+            EPBuffer(None, 4, 16, backend="nvlink", max_tokens_per_rank=8, graph_safe=True)
+    finally:
+        if own:
+            dist.destroy_process_group()
