@@ -34,9 +34,20 @@ class CausalLMOutput:
     hidden_states: torch.Tensor | None = None
 
 
+def resolve_fp8(fp8, cfg: DeepseekV3Config, where: str) -> bool:
+    """``fp8=None`` follows the config: FP8 linears exactly when it describes an FP8 checkpoint
+    (``quantization_config.quant_method == "fp8"``), as loading follows the checkpoint; True/False wins."""
+    if fp8 is None:
+        return cfg.is_fp8_checkpoint
+    if not isinstance(fp8, bool):
+        raise TypeError(f"{where}: argument 'fp8' must be None, True or False, got {fp8!r}")
+    return fp8
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, fp8: bool = True, dtype=None):
+    def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, fp8: bool | None = None, dtype=None):
         super().__init__()
+        fp8 = resolve_fp8(fp8, cfg, type(self).__name__)
         self.layer_idx = layer_idx
         self.self_attn = MLA(cfg, layer_idx, fp8=fp8, dtype=dtype)
         if layer_idx >= cfg.first_k_dense_replace:
@@ -65,7 +76,8 @@ class MTPModule(DecoderLayer):
     """Depth-k MTP module: ``h' = eh_proj([enorm(emb(t_{i+k})) ; hnorm(h_i)])``, one decoder block,
     ``shared_head.norm``, then the model's (shared) embedding and output head."""
 
-    def __init__(self, cfg, layer_idx, *, fp8=True, dtype=None):
+    def __init__(self, cfg, layer_idx, *, fp8: bool | None = None, dtype=None):
+        fp8 = resolve_fp8(fp8, cfg, "MTPModule")
         super().__init__(cfg, layer_idx, fp8=fp8, dtype=dtype)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -78,8 +90,9 @@ class MTPModule(DecoderLayer):
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config, *, fp8: bool = True, dtype=None):
+    def __init__(self, cfg: DeepseekV3Config, *, fp8: bool | None = None, dtype=None):
         super().__init__()
+        fp8 = resolve_fp8(fp8, cfg, "DeepseekV3Model")
         self.cfg = cfg
         dt = dtype or torch.float32
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dt)
@@ -96,9 +109,12 @@ class DeepseekV3ForCausalLM(nn.Module):
     ``return_mtp=True`` adds the MTP logits; ``labels`` (next-token targets aligned with input_ids, i.e.
     ``labels[:, t]`` is the token after position t; -100 ignored) adds the losses."""
 
-    def __init__(self, cfg: DeepseekV3Config, *, fp8: bool = True, dtype=None):
+    def __init__(self, cfg: DeepseekV3Config, *, fp8: bool | None = None, dtype=None):
         super().__init__()
         self.config = cfg.validate()
+        # fp8=None: FP8 linears exactly when cfg describes an FP8 checkpoint (quantization_config), so a model
+        # built from a BF16/FP32 config computes what transformers computes; True/False forces it.
+        fp8 = resolve_fp8(fp8, cfg, "DeepseekV3ForCausalLM")
         self.model = DeepseekV3Model(cfg, fp8=fp8, dtype=dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype or torch.float32)
         nn.init.normal_(self.lm_head.weight, std=cfg.initializer_range)
@@ -252,11 +268,13 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, fp8: bool = True, dequantize_fp8: bool = False):
+    def from_pretrained(cls, path, *, dtype=None, device=None, fp8: bool | None = None, dequantize_fp8: bool = False):
+        """Loads a Hugging Face-layout checkpoint; see ``dsmoe.models.checkpoint.load_pretrained`` for the rules
+        (``fp8=None`` follows the checkpoint, absent MTP weights drop the MTP modules)."""
         from .checkpoint import load_pretrained
         return load_pretrained(cls, path, dtype=dtype, device=device, fp8=fp8, dequantize_fp8=dequantize_fp8)
 
-    def save_pretrained(self, path, *, max_shard_size: int = 2 << 30, quantize_fp8: bool = False,
+    def save_pretrained(self, path, *, max_shard_size: int | str = 2 << 30, quantize_fp8: bool = False,
                         dtype=None) -> None:
         from .checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_size=max_shard_size, quantize_fp8=quantize_fp8, dtype=dtype)
