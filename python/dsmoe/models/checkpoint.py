@@ -308,6 +308,28 @@ def _check(model, meta: dict[str, tuple], block: tuple[int, int], dequantize_fp8
     return slots
 
 
+def _precheck(cfg: DeepseekV3Config, meta: dict[str, tuple]) -> None:
+    """A few shapes the config alone implies, checked before the model is built: a config that does not
+    describe the checkpoint (another model's sizes, the 671B defaults) fails in milliseconds, naming fields."""
+    H, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    fk, E = cfg.first_k_dense_replace, cfg.n_routed_experts
+    want = {"model.embed_tokens.weight": ((V, H), "vocab_size, hidden_size"),
+            "lm_head.weight": ((V, H), "vocab_size, hidden_size"),
+            "model.layers.0.self_attn.kv_a_proj_with_mqa.weight":
+                ((cfg.kv_lora_rank + cfg.qk_rope_head_dim, H), "kv_lora_rank + qk_rope_head_dim, hidden_size"),
+            "model.layers.0.mlp.gate_proj.weight": ((cfg.intermediate_size, H), "intermediate_size, hidden_size"),
+            f"model.layers.{fk}.mlp.experts.0.gate_proj.weight":
+                ((cfg.moe_intermediate_size, H), "moe_intermediate_size, hidden_size"),
+            f"model.layers.{fk}.mlp.gate.weight": ((E, H), "n_routed_experts, hidden_size")}
+    errs = [f"{k} has shape {meta[k][0]}, the config ({fields}) implies {shape}"
+            for k, (shape, fields) in want.items() if k in meta and meta[k][0] != shape]
+    layers = {int(m.group(1)) for k in meta if (m := _LAYER_RE.match(k))}
+    if layers and max(layers) + 1 < L:
+        errs.append(f"num_hidden_layers={L} but the checkpoint's layers end at model.layers.{max(layers)}")
+    if errs:
+        raise CheckpointError("config.json does not describe this checkpoint: " + "; ".join(errs))
+
+
 # ----------------------------------------------------------------------------- copying
 def _prepare_fp8_slots(model, slots, meta, dequantize_fp8: bool) -> None:
     """Turns the layers whose checkpoint weights are FP8 into serving mode (e4m3 weight + fp32 scales) before
@@ -509,6 +531,7 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fp8: bool | None = No
     cfg = _read_config(path)
     reader = _Reader(path)
     meta = reader.meta
+    _precheck(cfg, meta)
     dtype = _resolve_dtype(dtype, cfg, meta)
     L, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     if n_mtp and not any((m := _LAYER_RE.match(k)) and int(m.group(1)) >= L for k in meta):
