@@ -148,7 +148,8 @@ def _read_config(path) -> DeepseekV3Config:
     try:
         return DeepseekV3Config.from_json_file(p)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{p}: {e}") from None
+        msg = str(e)
+        raise CheckpointError(msg if p in msg else f"{p}: {msg}") from None
 
 
 def _shard_files(path) -> tuple[list[str], dict | None]:
