@@ -20,8 +20,17 @@ BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediat
             max_position_embeddings=256)
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
+# YaRN with mscale != mscale_all_dim (attention factor and softmax scale both != 1), and an explicit
+# attention_factor (overrides the mscale ratio on cos/sin; the softmax scale still uses mscale_all_dim)
+YARN_MSCALE = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2,
+               "mscale": 1.3, "mscale_all_dim": 0.7}
+YARN_ATT = {"type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16, "mscale": 1.0,
+            "mscale_all_dim": 0.5, "attention_factor": 1.37}
 CASES = {
     "q_lora_group1": dict(),
+    "yarn_mscale_differs": dict(rope_scaling=YARN_MSCALE),
+    "yarn_explicit_attention_factor": dict(rope_scaling=YARN_ATT, q_lora_rank=None),
+    "no_mtp": dict(num_nextn_predict_layers=0),
     "no_q_lora_groups": dict(q_lora_rank=None, n_group=4, topk_group=2),
     "negative_bias_groups_yarn": dict(n_group=4, topk_group=1, num_experts_per_tok=2, rope_scaling=YARN),
     "yarn_no_qlora_noninterleaved": dict(q_lora_rank=None, rope_scaling=YARN, rope_interleave=False, n_group=2,
@@ -43,10 +52,18 @@ def _randomize(model: DeepseekV3ForCausalLM, negative_bias: bool):
             b.copy_(torch.randn(b.shape, generator=g) * 0.5 - (1.5 if negative_bias else 0.0))
 
 
-def _hf_logits(path, ids):
-    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def _hf_logits(path, ids, num_hidden_layers=None):
+    """transformers' logits for a dsmoe-saved checkpoint, after checking its loading report: nothing missing or
+    mismatched; the only unexpected keys are the MTP layers' (transformers has no MTP modules)."""
+    hf, info = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    hf.eval()
+    assert info["missing_keys"] in ([], set()) and info["mismatched_keys"] in ([], set()), info
+    assert not info["error_msgs"], info
+    L = hf.config.num_hidden_layers if num_hidden_layers is None else num_hidden_layers
+    unexpected = sorted(info["unexpected_keys"])
+    assert all(k.startswith(f"model.layers.{L}.") for k in unexpected), unexpected
     with torch.no_grad():
-        return hf(ids).logits, hf
+        return hf(ids).logits, hf, unexpected
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -60,19 +77,25 @@ def test_logits_match_hf_saved_by_dsmoe(case, tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (2, 37))
     with torch.no_grad():
         ours = model(ids).logits
-    ref, hf = _hf_logits(tmp_path, ids)
+    ref, hf, unexpected = _hf_logits(tmp_path, ids)
+    assert bool(unexpected) == (cfg.num_nextn_predict_layers > 0)   # the MTP layer, and nothing else
     assert ours.shape == ref.shape == (2, 37, cfg.vocab_size)
     assert rel_err(ours, ref) < 1e-4, rel_err(ours, ref)
+    if case in ("yarn_mscale_differs", "yarn_explicit_attention_factor"):  # the YaRN factors really differ from 1 in both implementations
+        assert abs(model.model.rotary_emb.attention_factor - hf.model.rotary_emb.attention_scaling) < 1e-12
+        assert abs(model.model.rotary_emb.attention_factor - 1) > 0.02
+        assert abs(cfg.softmax_scale * cfg.qk_head_dim ** 0.5 - 1) > 0.02
     if "negative" in case:  # routing really was decided by negative biased scores
         gate = model.moe_layers()[0].gate
         assert (torch.sigmoid(torch.zeros(1)) + gate.e_score_correction_bias).max() < 0.5
-    # and our own loader reads it back identically
-    again = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, fp8=False)
+    # and our own loader reads it back identically, with its default arguments
+    again = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, ours)
 
 
-@pytest.mark.parametrize("case", ["q_lora_group1", "negative_bias_groups_yarn"])
+@pytest.mark.parametrize("case", ["q_lora_group1", "negative_bias_groups_yarn", "yarn_mscale_differs",
+                                  "yarn_explicit_attention_factor"])
 def test_logits_match_hf_saved_by_hf(case, tmp_path):
     c = {**BASE, **CASES[case], "num_nextn_predict_layers": 0}
     rs = c.pop("rope_scaling", None)
@@ -122,3 +145,89 @@ def test_config_reads_v3_style_json(tmp_path):
     assert v3.softmax_scale == pytest.approx(0.135234, abs=1e-6)
     with pytest.raises(ValueError, match="n_group"):
         DeepseekV3Config(**{**BASE, "n_group": 3})
+
+
+# ----------------------------------------------------------------------------- transformers' defaults
+# transformers' DeepseekV3Config with only the sizes made small: num_mtp_layers (1), n_group (8), topk_group
+# (4), num_experts_per_tok (8), first_k_dense_replace (3), rope, eps, ... all left at their defaults.
+HF_SMALL = dict(vocab_size=89, hidden_size=64, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=4,
+                num_attention_heads=2, n_routed_experts=16, kv_lora_rank=32, q_lora_rank=40, qk_rope_head_dim=8,
+                qk_nope_head_dim=16, v_head_dim=12)
+
+
+def _hf_default_model(seed=7):
+    torch.manual_seed(seed)
+    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**HF_SMALL)).eval().float()
+    assert hf.config.num_nextn_predict_layers == 1 and hf.config.n_group == 8   # the defaults are in play
+    with torch.no_grad():
+        for n, b in hf.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape) * 0.3)
+        for n, p in hf.named_parameters():
+            if "norm" not in n:
+                p.mul_(5.0)
+    return hf
+
+
+@pytest.mark.parametrize("ckpt_dtype", [torch.float32, torch.bfloat16])
+def test_transformers_default_checkpoint_loads_with_default_arguments(tmp_path, ckpt_dtype):
+    """Saved by transformers with its default config (which asks for 1 MTP layer that it never writes), loaded
+    with dsmoe's defaults: no MTP modules, one warning, no FP8, transformers' logits."""
+    import warnings
+    hf = _hf_default_model()
+    hf.to(ckpt_dtype).save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path) if ckpt_dtype == torch.float32 else \
+            DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    mine = [str(x.message) for x in w if "MTP" in str(x.message)]
+    assert len(mine) == 1 and "num_nextn_predict_layers=1 MTP module(s)" in mine[0], mine
+    assert ours.config.num_nextn_predict_layers == 0 and len(ours.mtp_layers) == 0
+    assert {m.fp8 for m in ours.modules() if isinstance(getattr(m, "fp8", None), bool)} == {False}
+    assert ours.lm_head.weight.dtype == torch.float32
+    ref_model = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, HF_SMALL["vocab_size"], (2, 23))
+    with torch.no_grad():
+        ref, got = ref_model(ids).logits, ours(ids).logits
+    assert rel_err(got, ref) < 1e-4, rel_err(got, ref)
+    # the default dtype follows the checkpoint as transformers' does
+    with pytest.warns(UserWarning, match="no MTP weights"):
+        auto = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    assert auto.lm_head.weight.dtype == transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).dtype == ckpt_dtype
+
+
+def test_config_defaults_equal_transformers():
+    hf = transformers.DeepseekV3Config()
+    ours = DeepseekV3Config()
+    shared = [f for f in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                          "num_attention_heads", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
+                          "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim",
+                          "n_group", "topk_group", "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob",
+                          "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+                          "rope_interleave", "attention_bias", "tie_word_embeddings", "num_nextn_predict_layers",
+                          "bos_token_id", "eos_token_id", "pad_token_id")]
+    for f in shared:
+        assert getattr(ours, f) == getattr(hf, f), f
+    assert ours.rope_theta == hf.rope_parameters["rope_theta"] and ours.rope_scaling is None
+    assert ours.torch_dtype is None and hf.dtype is None
+    # a config.json with only the required fields: every other field is transformers' default
+    req = {k: HF_SMALL.get(k, getattr(ours, k)) for k in DeepseekV3Config.REQUIRED}
+    from_json = DeepseekV3Config.from_dict({"model_type": "deepseek_v3", **req})
+    hf_small = transformers.DeepseekV3Config(**req)
+    for f in shared:
+        assert getattr(from_json, f) == getattr(hf_small, f), f
+    # YaRN without original_max_position_embeddings: transformers takes max_position_embeddings
+    rp = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    c = DeepseekV3Config.from_dict({**req, "max_position_embeddings": 96, "rope_parameters": rp})
+    h = transformers.DeepseekV3Config(**req, max_position_embeddings=96, rope_parameters=dict(rp))
+    assert c.rope_scaling["original_max_position_embeddings"] == h.rope_parameters["original_max_position_embeddings"] == 96
+
+
+def test_max_shard_size_strings_follow_transformers():
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from dsmoe.models.checkpoint import _shard_bytes
+    for s in ("5GB", "500MB", "1GiB", "10KB", "3MiB", "2KiB", "8Mb", "16Kb", "1gb", "7mib"):
+        assert _shard_bytes(s) == convert_file_size_to_int(s), s
+    assert _shard_bytes("1.5GiB") == 3 * 2**29 and _shard_bytes("0.5GB") == 5 * 10**8
+    assert _shard_bytes(12345) == 12345
