@@ -541,3 +541,35 @@ def test_independent_fp8_checkpoint_loads_per_the_published_formula(tmp_path):
     with torch.no_grad(), fp8_autocast(False):
         a, b = served(ids).logits, deq(ids).logits
     assert rel_err(a, b) < 1e-5, rel_err(a, b)
+
+
+def test_other_weight_block_size_dequantizes_or_is_refused_for_serving(tmp_path):
+    """quantization_config.weight_block_size [64, 64]: scales are checked per 64x64 block; serving (128x128 FP8
+    layers) refuses it naming the field, dequantize_fp8=True loads the formula's values."""
+    from safetensors.torch import save_file
+    m = DeepseekV3ForCausalLM(DeepseekV3Config(**ODD)).eval()
+    m.save_pretrained(tmp_path / "ref")
+    t = _tensors(tmp_path / "ref")
+    k = "model.layers.0.self_attn.kv_b_proj.weight"
+    ref = None
+    for key in list(t):
+        if key.endswith("proj.weight") and "shared_head" not in key:
+            q, s = ds_weight_quant(t[key], 64)
+            t[key], t[key + "_scale_inv"] = q, s
+            if key == k:
+                ref = ds_weight_dequant(q, s, 64)
+    out = tmp_path / "fp8"
+    out.mkdir()
+    cfg = json.load(open(tmp_path / "ref" / "config.json"))
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [64, 64]}
+    (out / "config.json").write_text(json.dumps(cfg))
+    save_file(t, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"weight_block_size \[64, 64\] is not supported"):
+        DeepseekV3ForCausalLM.from_pretrained(out)
+    deq = DeepseekV3ForCausalLM.from_pretrained(out, dequantize_fp8=True)
+    assert torch.equal(deq.model.layers[0].self_attn.kv_b_proj.weight, ref)
+    # a 128x128-block scale under a [64, 64] config is the wrong shape
+    t[k + "_scale_inv"] = torch.ones(-(-t[k].shape[0] // 128), -(-t[k].shape[1] // 128))
+    save_file(t, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{k}_scale_inv has shape \(2, 1\), expected \(3, 2\).*in 64x64 blocks"):
+        DeepseekV3ForCausalLM.from_pretrained(out, dequantize_fp8=True)

@@ -299,7 +299,8 @@ def _check(model, meta: dict[str, tuple], block: tuple[int, int], dequantize_fp8
     for prefix, by_dt in sorted(by_layer.items()):
         if len(by_dt) > 1:
             parts = ", ".join(f"{dt}: {_names(ks)[:300]}" for dt, ks in by_dt.items())
-            errs.append(f"mixed dtypes among the routed experts of {prefix} (all must be FP8 or none): {parts}")
+            errs.append(f"mixed dtypes among the routed experts of {prefix} (one dtype per layer: all e4m3 or "
+                        f"all high precision): {parts}")
     has_fp8 = any(dt == _FP8 for _, dt in meta.values())
     if has_fp8 and not dequantize_fp8 and tuple(block) != (128, 128):
         errs.append(f"quantization_config.weight_block_size {list(block)} is not supported by the FP8 layers "
