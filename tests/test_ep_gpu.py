@@ -1,6 +1,10 @@
-"""GPU tier of EPBuffer's nvlink backend: several processes on ONE GPU (CUDA IPC works within a device),
-checked against the collective backend run on CPU copies in the same processes (exact), the identity
-round trip, gradients, graph-safe mode, bitwise reruns."""
+"""GPU tier of EPBuffer's nvlink backend, checked against the collective backend run on CPU copies in the
+same processes (exact): bf16, fp16 and FP8 (bytes + scales) payloads, the identity round trip,
+gradients, graph-safe mode, bitwise reruns, and a dead peer (EPTimeoutError within the timeout).
+
+test_nvlink_matches_collective runs ALL its processes on ONE GPU (CUDA IPC works within a device): it
+checks the protocol, not NVLink. test_nvlink_two_gpus runs one process per GPU and only where at least
+2 GPUs are visible. Token counts stay within max_tokens_per_rank (64) on every rank."""
 import datetime
 import socket
 
@@ -9,7 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dsmoe.parallel import EPBuffer
+import dsmoe.ops
+from dsmoe.parallel import EPBuffer, EPTimeoutError
 
 pytestmark = [pytest.mark.gpu, pytest.mark.dist]
 
@@ -20,14 +25,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, graph_safe):
-    torch.cuda.set_device(0)
+def _worker(rank, world, port, graph_safe, one_gpu=True):
+    torch.cuda.set_device(0 if one_gpu else rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
     try:
         E, H, k = 16, 256, 4
         g = torch.Generator().manual_seed(rank)
-        T = 50 + 7 * rank
+        T = 40 + 7 * rank  # <= 61 with 4 ranks: within max_tokens_per_rank=64
         x = torch.randn(T, H, generator=g).bfloat16()
         x[:, 0] = rank
         x[:, 1] = torch.arange(T).float()
@@ -45,6 +50,16 @@ def _worker(rank, world, port, graph_safe):
             rx, ri, rw = rx[sel.cuda()], ri[sel.cuda()], rw[sel.cuda()]
         assert torch.equal(rx.cpu(), cx) and torch.equal(ri.cpu(), ci) and torch.equal(rw.cpu(), cw)
         assert torch.equal(cnt.cpu(), ccnt)
+        # fp16 rows and FP8 payloads (e4m3 bytes + fp32 scales) move bit for bit too
+        xh = x.half()
+        hx, *_ = nv.dispatch(xh.cuda(), idx.cuda(), w.cuda())
+        chx, *_ = co.dispatch(xh, idx, w)
+        if not graph_safe:
+            assert torch.equal(hx.cpu(), chx)
+            q8, s8 = dsmoe.ops.per_token_group_quant_fp8(x.float())
+            (fx, fs), *_ = nv.dispatch((q8.cuda(), s8.cuda()), idx.cuda(), w.cuda())
+            (cfx, cfs), *_ = co.dispatch((q8, s8), idx, w)
+            assert torch.equal(fx.cpu().view(torch.uint8), cfx.view(torch.uint8)) and torch.equal(fs.cpu(), cfs)
         # identity experts: combine(dispatch(x)) == sum_k w_k x  (bf16 rows, fp32 sums)
         rxf, rif, rwf, _, hf = nv.dispatch(x.cuda(), idx.cuda(), w.cuda())
         y = (rwf.sum(1, keepdim=True) * rxf.float()).bfloat16()
@@ -111,7 +126,44 @@ def _worker(rank, world, port, graph_safe):
         dist.destroy_process_group()
 
 
+pytestmark = [*pytestmark, pytest.mark.cuda_only]
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("graph_safe", [False, True])
 def test_nvlink_matches_collective(world, graph_safe):
     mp.spawn(_worker, args=(world, _free_port(), graph_safe), nprocs=world, join=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nvlink_two_gpus():
+    mp.spawn(_worker, args=(2, _free_port(), False, False), nprocs=2, join=True)
+
+
+def _dead_peer_worker(rank, world, port):
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        E, H = 8, 128
+        nv = EPBuffer(None, E, H, backend="nvlink", max_tokens_per_rank=16, num_sms=2, timeout=3)
+        x = torch.randn(8, H, device="cuda").bfloat16()
+        idx = torch.arange(8, device="cuda", dtype=torch.int32).view(8, 1) % E
+        w = torch.ones(8, 1, device="cuda")
+        if rank == 0:
+            import time
+            t0 = time.monotonic()
+            with pytest.raises(EPTimeoutError, match="did not signal within the timeout"):
+                nv.dispatch(x, idx, w)
+                torch.cuda.synchronize()
+                nv._nvlink.check_error()
+            assert time.monotonic() - t0 < 30, "the wait must end near its 3 s budget"
+        dist.barrier()  # rank 1 never dispatched: it was the dead peer
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nvlink_dead_peer_times_out():
+    """A peer that never joins the exchange: the waiting rank raises EPTimeoutError after about its 3 s
+    budget (wall-clock wait in the kernel) instead of hanging."""
+    mp.spawn(_dead_peer_worker, args=(2, _free_port()), nprocs=2, join=True)

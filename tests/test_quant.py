@@ -7,7 +7,7 @@ import torch
 
 import dsmoe
 from dsmoe import ops, ref
-from util import poison, same_bits_nan_aware
+from util import DEV, full_storage, poison, poisoned_empty, same_bits_nan_aware
 
 FP8 = torch.float8_e4m3fn
 
@@ -233,24 +233,29 @@ def _rand_special(shape, dtype, device):
 @pytest.mark.parametrize("column_major", [False, True])
 @pytest.mark.parametrize("ue8m0", [False, True])
 def test_gpu_token_group_bit_identical(dtype, group_size, M, column_major, ue8m0):
-    x = _rand_special((M, 7 * 128), dtype, "cuda")
-    q, s = ops.per_token_group_quant_fp8(x, group_size, scale_ue8m0=ue8m0, column_major_scales=column_major)
+    x = _rand_special((M, 7 * 128), dtype, DEV)
+    with poisoned_empty():
+        q, s = ops.per_token_group_quant_fp8(x, group_size, scale_ue8m0=ue8m0, column_major_scales=column_major)
     q_ref, s_ref = ref.per_token_group_quant_fp8(x.cpu(), group_size, scale_ue8m0=ue8m0, column_major_scales=column_major)
     assert torch.equal(q.view(torch.uint8).cpu(), q_ref.view(torch.uint8))
     assert same_bits_nan_aware(s, s_ref) and s.stride() == s_ref.stride()
+    # the whole storage: the column-major M padding must hold the documented zeros, not kernel writes
+    assert same_bits_nan_aware(full_storage(s), full_storage(s_ref))
 
 
 @pytest.mark.gpu
 def test_gpu_token_group_3d_strided_and_empty():
-    base = torch.randn(3, 17, 512, device="cuda", dtype=torch.bfloat16)
+    base = torch.randn(3, 17, 512, device=DEV, dtype=torch.bfloat16)
     x = base[:, :, :256]  # row stride 512 elements: no copy needed
     q, s = ops.per_token_group_quant_fp8(x)
     q_ref, s_ref = ref.per_token_group_quant_fp8(x.cpu())
     assert torch.equal(q.view(torch.uint8).cpu(), q_ref.view(torch.uint8)) and torch.equal(s.cpu(), s_ref)
-    q, s = ops.per_token_group_quant_fp8(base.contiguous(), column_major_scales=True)
+    with poisoned_empty():
+        q, s = ops.per_token_group_quant_fp8(base.contiguous(), column_major_scales=True)
     q_ref, s_ref = ref.per_token_group_quant_fp8(base.cpu(), column_major_scales=True)
     assert torch.equal(q.view(torch.uint8).cpu(), q_ref.view(torch.uint8)) and torch.equal(s.cpu(), s_ref)
-    q, s = ops.per_token_group_quant_fp8(torch.empty(0, 256, device="cuda"))
+    assert torch.equal(full_storage(s), full_storage(s_ref)), "column-major padding (M=17 -> 20) must stay zero"
+    q, s = ops.per_token_group_quant_fp8(torch.zeros(0, 256, device=DEV))
     assert q.shape == (0, 256) and s.shape == (0, 2)
 
 
@@ -259,7 +264,7 @@ def test_gpu_token_group_3d_strided_and_empty():
 @pytest.mark.parametrize("N,K", [(128, 128), (7168, 2112), (300, 200), (1, 7), (257, 135)])
 @pytest.mark.parametrize("ue8m0", [False, True])
 def test_gpu_block_bit_identical(dtype, N, K, ue8m0):
-    w = _rand_special((N, K), dtype, "cuda")
+    w = _rand_special((N, K), dtype, DEV)
     q, s = ops.per_block_quant_fp8(w, scale_ue8m0=ue8m0)
     q_ref, s_ref = ref.per_block_quant_fp8(w.cpu(), scale_ue8m0=ue8m0)
     assert torch.equal(q.view(torch.uint8).cpu(), q_ref.view(torch.uint8))
@@ -268,17 +273,22 @@ def test_gpu_block_bit_identical(dtype, N, K, ue8m0):
 
 @pytest.mark.gpu
 def test_gpu_outputs_fully_written_and_deterministic():
-    x = torch.randn(333, 1024, device="cuda", dtype=torch.bfloat16)
+    """q and s are allocated poisoned (0xff = e4m3 NaN, NaN scales): x has no NaN, so any NaN byte or scale
+    left is an element the kernel did not write. Validated with the quant_row_unwritten mutation."""
+    x = torch.randn(333, 1024, device=DEV, dtype=torch.bfloat16)
     outs = []
-    for _ in range(3):
-        poison((1,), torch.float32, "cuda")  # allocator churn between runs
-        q, s = ops.per_token_group_quant_fp8(x)
-        assert not torch.isnan(s).any() and not (q.view(torch.uint8) == 0x7F).any()
+    for column_major in (False, True, False):
+        with poisoned_empty():
+            q, s = ops.per_token_group_quant_fp8(x, column_major_scales=column_major)
+        qb = q.view(torch.uint8)
+        assert not torch.isnan(s).any() and not ((qb & 0x7F) == 0x7F).any(), "an output element was not written"
+        s = s.contiguous()
         outs.append((q.view(torch.uint8).clone(), s.clone()))
     assert all(torch.equal(a[0], outs[0][0]) and torch.equal(a[1], outs[0][1]) for a in outs)
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_only
 def test_gpu_cuda_graph_and_compile():
     x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
     ops.per_token_group_quant_fp8(x)  # warm-up outside capture
@@ -297,6 +307,7 @@ def test_gpu_cuda_graph_and_compile():
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_only
 def test_gpu_bad_alignment_and_group_size():
     buf = torch.randn(4 * 256 + 1, device="cuda", dtype=torch.bfloat16)
     x = buf[1:].view(4, 256)  # 2-byte offset
@@ -310,6 +321,7 @@ def test_gpu_bad_alignment_and_group_size():
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_only
 def test_gpu_cuda_error_names_the_kernel():
     # A fault inside a kernel must come back as a Python exception naming it (DSMOE_SYNC_CHECK=1
     # synchronizes after each launch). Run in a subprocess: the fault poisons its CUDA context.

@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # weight / (sum of weights of it and the stages after it) of the time left, at least its minimum when
 # that much is left, at most its cap.
 STAGES = [
-    ("env", 1, 5, 30),
+    ("env", 1, 30, 45),
     ("build", 30, 60, 300),
-    ("smoke", 12, 30, 150),
+    ("smoke", 15, 40, 180),
     ("tier", 40, 60, 360),
     ("sanitize", 6, 30, 90),
     ("bench", 16, 40, 180),
@@ -67,8 +67,8 @@ SMOKE = {
              "tests/test_gemm_gpu.py::test_k_grouped_tn"],
     "mla": ["tests/test_mla_gpu.py::test_decode_one_hot_rows_exact[132-1-64-False-False]",
             "tests/test_mla_gpu.py::test_decode_one_hot_rows_exact[132-2-32-True-True]",
-            "tests/test_mla_gpu.py::test_append_unfused_special_values_bit_exact[False]",
-            "tests/test_mla_gpu.py::test_append_fused_rows_exact[False-True-True]"],
+            "tests/test_mla_gpu.py::test_append_unfused_special_values_bit_exact[False-False]",
+            "tests/test_mla_gpu.py::test_append_matches_reference[True-True-False]"],
     "moe": ["tests/test_moe_gpu.py::test_permute_unpermute_match_reference[dtype0-37-3-7-16-40]",
             "tests/test_moe_gpu.py::test_route_generic_logits_and_deciding_bias[sigmoid]"],
 }
@@ -160,6 +160,11 @@ class Check:
         counts = _junit_counts(junit)
         if junit.exists():
             self.junits.append(junit)
+        finished = bool(re.search(r"^(=+ )?(\d+ (passed|failed|skipped|deselected|errors?)[, ]*)+.* in [\d.]+s",
+                                  log.read_text(errors="replace"), re.M))
+        if timed_out and finished:  # killed while the interpreter was exiting: the results are complete
+            timed_out = False
+            rc = 1 if counts["failed"] or counts["errors"] else 0
         return {"rc": rc, "seconds": round(secs, 1), "timed_out": timed_out, **counts,
                 "last_line": _last_line(log)}
 
@@ -176,8 +181,11 @@ class Check:
         code = ("import torch, json; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
                 "'cuda': torch.version.cuda, 'available': c, 'device': torch.cuda.get_device_name(0) if c else 'cpu', "
                 "'count': torch.cuda.device_count()}))")
-        p = subprocess.run([self.py, "-c", code], capture_output=True, text=True, timeout=max(5, limit), env=self.env)
-        info = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-500:]}
+        try:
+            p = subprocess.run([self.py, "-c", code], capture_output=True, text=True, timeout=max(20, limit), env=self.env)
+            info = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-500:]}
+        except subprocess.TimeoutExpired:
+            info = {"error": f"importing torch took over {max(20, limit):.0f} s"}
         info["nproc"] = os.cpu_count()
         info["compute_sanitizer"] = shutil.which("compute-sanitizer") or ""
         info["nvcc"] = shutil.which("nvcc") or ""
@@ -227,11 +235,15 @@ class Check:
                 continue
             r = self.pytest(f"smoke-{fam}", SMOKE[fam], sl)
             extra[fam] = r
-            ok = r["rc"] == 0 and not r["timed_out"] and r["failed"] == 0 and r["errors"] == 0
-            if not ok:
-                status = "timeout" if r["timed_out"] and status == "ok" else "fail"
-            details.append(f"{fam}: {'PASS' if ok else 'FAIL'} ({r['passed']} passed, {r['failed']} failed, "
-                           f"{r['errors']} errors, {r['skipped']} skipped{', TIMED OUT' if r['timed_out'] else ''})")
+            failed = bool(r["failed"] or r["errors"] or (r["rc"] != 0 and not r["timed_out"]))
+            verdict = "FAIL" if failed else ("CUT" if r["timed_out"] else "PASS")
+            r["verdict"] = verdict
+            if failed:
+                status = "fail"
+            elif r["timed_out"] and status == "ok":
+                status = "timeout"
+            details.append(f"{fam}: {verdict} ({r['passed']} passed, {r['failed']} failed, {r['errors']} errors, "
+                           f"{r['skipped']} skipped{', cut at its time limit' if r['timed_out'] else ''})")
         return Result("smoke", status, time.monotonic() - start, "; ".join(details), extra)
 
     def stage_tier(self, limit: float) -> Result:
@@ -327,14 +339,20 @@ class Check:
 
     def next_step(self, failed: list[str]) -> str:
         by = {r.stage: r for r in self.results}
+        if "env" in by and by["env"].status == "fail":
+            return f"the environment check failed ({by['env'].detail}): is this the GPU machine's python3 with CUDA torch?"
         if "build" in by and by["build"].status in ("fail", "timeout"):
             return "the build failed: fix it from the build.log tail above (logs.tar.gz: logs/build.log), then rerun."
         sm = by.get("smoke")
-        if sm and sm.status != "ok":
-            bad = [f for f, r in sm.extra.items() if r.get("failed") or r.get("errors") or r.get("timed_out") or r.get("rc")]
+        bad = [f for f, r in (sm.extra.items() if sm else ()) if r.get("verdict") == "FAIL"]
+        cut = [f for f, r in (sm.extra.items() if sm else ()) if r.get("verdict") == "CUT"]
+        if bad:
             return (f"kernel families failing their smoke tests: {bad}. Read logs/pytest-smoke-<family>.log; bisect with "
                     f"DSMOE_DISABLE_KERNELS={','.join(bad)} (references instead of kernels). Fix those first; the tier "
                     "results of other families stand.")
+        if cut:
+            return (f"smoke tests of {cut} were cut by their time slice (a hang, or too small a budget): read their logs "
+                    "(pytest-timeout prints the stuck test's stack); rerun with --stages env,build,smoke and a larger budget.")
         if failed:
             return ("smoke tests pass but the tier has failures (listed above): fix them, or, for a tolerance, compare "
                     "with the emulation notes in the failing test's docstring before loosening anything.")
