@@ -30,12 +30,15 @@ def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
     skip_cuda_only = pytest.mark.skip(reason="needs a real CUDA device (graphs, streams, IPC): not run on the CPU")
+    skip_not_ported = pytest.mark.skip(reason="module's GPU tests create CUDA tensors (they do not use util.DEV)")
     for item in items:
         if "gpu" not in item.keywords:
             continue
         if GPU_ON_CPU:
             if "cuda_only" in item.keywords:
                 item.add_marker(skip_cuda_only)
+            elif getattr(item.module, "DEV", None) != "cpu":
+                item.add_marker(skip_not_ported)
         elif not has_cuda:
             item.add_marker(skip_gpu)
 

@@ -126,8 +126,8 @@ def _decode_emulated_bf16_rowsum(mp):
 
 # ----------------------------------------------------------------------------- GEMM
 def _gemm_out_scale(mp):
-    """Output 1.0006x too large: inside the old bf16 bound (2e-3) for fp32 outputs, outside the fp32 one."""
-    _wrap(mp, "fp8_gemm_nt", after=lambda out, a, kw: out.mul_(1 + 6e-4) if out.dtype == torch.float32 else _bf16_step(out))
+    """Output 1.0008x too large in fp32 (inside the old 2e-3 bound, outside the fp32 one), 1% in bf16."""
+    _wrap(mp, "fp8_gemm_nt", after=lambda out, a, kw: out.mul_(1 + 8e-4) if out.dtype == torch.float32 else _bf16_step(out))
 
 
 def _gemm_drop_row(mp):
@@ -154,7 +154,7 @@ def _masked_ignores_mask(mp):
 
 
 def _k_grouped_scale(mp):
-    _wrap(mp, "k_grouped_fp8_gemm_tn_contiguous", after=lambda out, a, kw: out.mul_(1 + 6e-4))
+    _wrap(mp, "k_grouped_fp8_gemm_tn_contiguous", after=lambda out, a, kw: out.mul_(1 + 8e-4))
 
 
 # ----------------------------------------------------------------------------- quant
@@ -211,11 +211,11 @@ MUTATIONS = {
     "mla_decode_unwritten_lse": (_decode_unwritten_lse, "one lse element never written (reads back the poison)"),
     "mla_decode_emulated_ok": (_decode_emulated_ok, "CONTROL (must pass): a correct kernel's arithmetic, bf16 P"),
     "mla_decode_emulated_bf16_rowsum": (_decode_emulated_bf16_rowsum, "the kernel's arithmetic with the row sum over bf16 P"),
-    "gemm_out_scale": (_gemm_out_scale, "dense GEMM output 6e-4 (fp32) / 1% (bf16) too large"),
+    "gemm_out_scale": (_gemm_out_scale, "dense GEMM output 8e-4 (fp32) / 1% (bf16) too large"),
     "gemm_drop_row": (_gemm_drop_row, "dense GEMM leaves one output row zero"),
     "gemm_contiguous_writes_padding": (_contiguous_writes_padding, "contiguous grouped GEMM zeroes padding rows"),
     "gemm_masked_ignores_mask": (_masked_ignores_mask, "masked grouped GEMM writes rows >= masked_m"),
-    "gemm_k_grouped_scale": (_k_grouped_scale, "k-grouped TN GEMM 6e-4 too large (fp32 output)"),
+    "gemm_k_grouped_scale": (_k_grouped_scale, "k-grouped TN GEMM 8e-4 too large (fp32 output)"),
     "quant_scale_padding": (_quant_scale_padding, "column-major scales: the kernel writes into the M padding"),
     "quant_row_unwritten": (_quant_row_unwritten, "the last row of q and one scale left unwritten"),
     "quant_scale_off": (_quant_scale_off, "scales 1 ulp-ish (2^-20) off"),

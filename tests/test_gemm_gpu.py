@@ -2,17 +2,20 @@
 
 Metrics: cosine diff ``1 - 2Σxy/Σ(x²+y²)`` < 1e-5; bf16 outputs against the fp64 product rounded to
 bf16 (the rounding alone is 1.7e-3 norm-relative, so an unrounded comparison at 2e-3 failed ~0.1-0.5% of
-correct draws) with norm-relative error <= 1e-3; fp32 outputs against the fp64 product at 3e-4 (the
-bf16 bound would let a 1e-3 error through). Outputs poisoned with NaN before each run; padding / masked
+correct draws) with norm-relative error <= 1e-3; fp32 outputs against the fp64 product at 5e-4 (the
+old 2e-3 bf16 bound let a 1e-3 error through). Each measured error is appended to the file named by
+DSMOE_TEST_RECORD_ERRORS (tools/gpu_check.py sets it) so the first GPU run calibrates these bounds. Outputs poisoned with NaN before each run; padding / masked
 rows must stay NaN; bitwise-identical reruns; CUDA-graph capture with device-side sizes changed between
 replays; M = 0; validate=False with out-of-range m_indices (padding, per docs/gemm.md) and masked_m >
 M_max (clamped).
 
 Validated without a GPU (DSMOE_TEST_GPU_ON_CPU=1 + tools/mutation_check.py, table in docs/gpu.md):
-gemm_out_scale (fp32 6e-4, bf16 1%), gemm_drop_row, gemm_contiguous_writes_padding,
+gemm_out_scale (fp32 8e-4, bf16 1%), gemm_drop_row, gemm_contiguous_writes_padding,
 gemm_masked_ignores_mask and gemm_k_grouped_scale each fail the tests listed there.
 """
 import faulthandler
+import json
+import os
 
 import pytest
 import torch
@@ -23,7 +26,7 @@ from dsmoe.gemm_config import GemmConfig, smem_bytes
 from util import DEV, GPU_ON_CPU, calc_diff, digest, poison, rel_err, same_bits_nan_aware, sync
 
 pytestmark = pytest.mark.gpu
-FP32_REL = 3e-4  # fp32 outputs: FP8 products with fp32 promotion every 128 of K (emulated ~1e-4)
+FP32_REL = 5e-4  # fp32 outputs: FP8 tensor-core sums (~14-bit accumulation) promoted every 128 of K: ~1e-4-2e-4
 BF16_REL = 1e-3  # bf16 outputs vs the rounded reference: accumulation + rare 1-step rounding flips
 
 
@@ -64,9 +67,19 @@ def _hang_guard():
     faulthandler.cancel_dump_traceback_later()
 
 
+def _record(d, want):
+    path = os.environ.get("DSMOE_TEST_RECORD_ERRORS")
+    if path and d.numel():
+        w = want.to(torch.bfloat16) if d.dtype == torch.bfloat16 else want
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "dtype": str(d.dtype),
+                                "shape": list(d.shape), "rel_err": rel_err(d, w), "calc_diff": calc_diff(d, want)}) + "\n")
+
+
 def check(d, want):
     """d: the kernel's output (bf16 or fp32); want: the fp64 product of the dequantized operands."""
     assert not torch.isnan(d).any(), "a valid output element was not written"
+    _record(d, want)
     assert calc_diff(d, want) < 1e-5, calc_diff(d, want)
     if d.dtype == torch.bfloat16:
         assert rel_err(d, want.to(torch.bfloat16)) <= BF16_REL, rel_err(d, want.to(torch.bfloat16))

@@ -111,6 +111,7 @@ def test_route_generic_logits_and_deciding_bias(score_func):
     torch.testing.assert_close(w.cpu()[rows], rw[rows], rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.cuda_only  # compares a CPU run with a CUDA run of the same leaf tensors
 def test_backward_with_expanded_gradients_gpu():
     """``.sum().backward()`` hands the custom ops gradients with strides (0, 0): they must not be read
     as contiguous rows."""

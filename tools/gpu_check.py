@@ -111,9 +111,11 @@ class Check:
         self.logs = self.work / "logs"
         self.logs.mkdir()
         self.results: list[Result] = []
+        self.log_failures: list[str] = []
         self.junits: list[Path] = []
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", DSMOE_COMMIT=_git("rev-parse", "HEAD"))
         self.env["PYTHONPATH"] = str(ROOT / "python")  # until a build replaces it
+        self.env["DSMOE_TEST_RECORD_ERRORS"] = str(self.logs / "gemm_errors.jsonl")  # calibrates the GEMM bounds
         if cpu:
             self.env["DSMOE_TEST_GPU_ON_CPU"] = "1"
             self.env["CUDA_VISIBLE_DEVICES"] = ""
@@ -152,14 +154,20 @@ class Check:
 
     def pytest(self, name: str, targets: list[str], timeout: float, extra: list[str] = ()) -> dict:
         junit = self.logs / f"junit-{name}.xml"
-        cmd = [self.py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}", *extra]
+        # -v: one line per test in the log, which is all there is when the run is killed before junit is written
+        cmd = [self.py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}", *extra]
         if self.has_timeout_plugin:
-            cmd.append(f"--timeout={min(self.test_timeout, max(10, int(timeout)))}")
+            # thread method: a kernel hung inside a CUDA call never returns to Python for a signal handler
+            cmd += [f"--timeout={min(self.test_timeout, max(10, int(timeout)))}", "--timeout-method=thread"]
         log = self.logs / f"pytest-{name}.log"
         rc, secs, timed_out = self.run(cmd + list(targets), log, timeout)
         counts = _junit_counts(junit)
         if junit.exists():
             self.junits.append(junit)
+        else:
+            counts, failed = _log_counts(log)
+            if failed:
+                self.log_failures += [f"[{name}] {t}  (from the log; the run was cut)" for t in failed]
         finished = bool(re.search(r"^(=+ )?(\d+ (passed|failed|skipped|deselected|errors?)[, ]*)+.* in [\d.]+s",
                                   log.read_text(errors="replace"), re.M))
         if timed_out and finished:  # killed while the interpreter was exiting: the results are complete
@@ -315,7 +323,7 @@ class Check:
                  f"  budget {self.budget:.0f} s  used {time.monotonic() - self.t0:.0f} s  mode {'cpu' if self.cpu else 'gpu'}"]
         for r in self.results:
             lines.append(f"{r.stage:9s} {r.status.upper():8s} {r.seconds:6.0f} s  {r.detail}")
-        failed = _failed_tests(self.junits)
+        failed = _failed_tests(self.junits) + self.log_failures
         if failed:
             lines.append(f"failed tests ({len(failed)}):")
             lines += [f"  {t}" for t in failed[:40]]
@@ -421,6 +429,22 @@ def _junit_counts(path: Path) -> dict:
         else:
             c["passed"] += 1
     return c
+
+
+def _log_counts(log: Path) -> tuple[dict, list[str]]:
+    """Per-test outcomes from a ``pytest -v`` log (for runs killed before writing their junit file)."""
+    c = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failed = []
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return c, failed
+    for m in re.finditer(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", text, re.M):
+        k = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors"}.get(m.group(2), "skipped")
+        c[k] += 1
+        if k in ("failed", "errors"):
+            failed.append(m.group(1))
+    return c, failed
 
 
 def _failed_tests(junits: list[Path]) -> list[str]:

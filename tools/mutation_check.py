@@ -52,7 +52,7 @@ PLAN = {
     "gemm_k_grouped_scale": [G + "test_k_grouped_tn"],
     "quant_scale_padding": QUANT_CM,
     "quant_row_unwritten": QUANT_CM,
-    "quant_scale_off": QUANT_CM,
+    "quant_scale_off": QUANT_CM[:2],  # the fully-written test checks writes and determinism, not values
     "route_nan_rows_order": ROUTE[:1],
     "route_ignore_bias": ROUTE[1:],
 }
