@@ -113,7 +113,9 @@ class Check:
         self.results: list[Result] = []
         self.log_failures: list[str] = []
         self.junits: list[Path] = []
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", DSMOE_COMMIT=_git("rev-parse", "HEAD"))
+        # the device machine's copy of the tree may lack .git: the caller can pass DSMOE_COMMIT
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1",
+                        DSMOE_COMMIT=os.environ.get("DSMOE_COMMIT") or _git("rev-parse", "HEAD"))
         self.env["PYTHONPATH"] = str(ROOT / "python")  # until a build replaces it
         self.env["DSMOE_TEST_RECORD_ERRORS"] = str(self.logs / "gemm_errors.jsonl")  # calibrates the GEMM bounds
         if cpu:
