@@ -275,10 +275,12 @@ class Check:
             r = self.pytest(f"tier-{name}", targets, sl, ["-m", "gpu", f"--maxfail={self.maxfail}"])
             extra[name] = r
             bad = r["failed"] + r["errors"]
-            if bad or r["timed_out"] or r["rc"] not in (0, 5):  # 5: nothing collected
-                status = "fail" if bad or r["rc"] not in (0, 5) else ("timeout" if status == "ok" else status)
+            if bad or (r["rc"] not in (0, 5) and not r["timed_out"]):  # 5: nothing collected
+                status = "fail"
+            elif r["timed_out"] and status == "ok":
+                status = "timeout"
             details.append(f"{name}: {r['passed']} passed, {r['failed']} failed, {r['errors']} errors, "
-                           f"{r['skipped']} skipped{' TIMED OUT' if r['timed_out'] else ''} ({r['seconds']:.0f} s)")
+                           f"{r['skipped']} skipped{' CUT at its time limit' if r['timed_out'] else ''} ({r['seconds']:.0f} s)")
         return Result("tier", status, time.monotonic() - start, "; ".join(details), extra)
 
     def stage_sanitize(self, limit: float) -> Result:
