@@ -1,8 +1,26 @@
-"""The `dsmoe` command line: `dsmoe info`, `dsmoe bench SUITE`, `dsmoe demo quant`, `dsmoe train`."""
+"""The `dsmoe` command line: `dsmoe info`, `dsmoe bench SUITE`, `dsmoe demo quant`, `dsmoe train`.
+
+A user error (a bad value, an unusable --out or --device, no GPU for `bench`) is one line on stderr and
+exit status 2 (wrong argument) or 1 (this machine cannot do it), and nothing is written."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from ._cli import ArgumentParser, run
+
+
+class _Version(argparse.Action):
+    # argparse's action="version" wants the string when the parser is built; the metadata lookup waits
+    # until `--version` is given
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .info import package_version
+
+        print(f"dsmoe {package_version()}")
+        parser.exit(0)
 
 
 def main(argv=None) -> int:
@@ -11,18 +29,19 @@ def main(argv=None) -> int:
         from .train import main as train_main
 
         return train_main(argv[1:])
-    p = argparse.ArgumentParser(prog="dsmoe", description=__doc__)
+    p = ArgumentParser(prog="dsmoe", description=__doc__)
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="cmd", required=True)
     pi = sub.add_parser("info", help="version, build, torch, GPU, and which ops have CUDA kernels")
     pi.add_argument("--json", action="store_true")
     pb = sub.add_parser("bench", help="run benchmark suites on a GPU and write JSON under bench/results/<device>/")
-    pb.add_argument("suites", nargs="*", default=["quant"], help="suites to run (see --list)")
-    pb.add_argument("--list", action="store_true", help="list the suites")
+    pb.add_argument("suites", nargs="*", default=["quant"], help="suites to run, or 'all' (see --list)")
+    pb.add_argument("--list", action="store_true", help="list the suites and whether each one imports")
     pb.add_argument("--out", default="bench/results", help="results root (default: bench/results)")
     pb.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     pd = sub.add_parser("demo", help="small demonstrations")
     pd.add_argument("what", choices=["quant"])
-    pd.add_argument("--device", default=None)
+    pd.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a usable GPU, else cpu)")
     sub.add_parser("train", help="train a small DeepSeek-V3-style model on a synthetic task (`dsmoe train --help`)")
     args = p.parse_args(argv)
 
@@ -33,11 +52,11 @@ def main(argv=None) -> int:
     if args.cmd == "bench":
         from .bench.runner import main as bench_main
 
-        return bench_main(args.suites, out=args.out, quick=args.quick, list_only=args.list)
+        return run("dsmoe bench", bench_main, args.suites, out=args.out, quick=args.quick, list_only=args.list)
     if args.cmd == "demo":
         from .demo import quant_demo
 
-        return quant_demo(args.device)
+        return run("dsmoe demo", quant_demo, args.device)
     return 2
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from ._cli import resolve_device
 
 
 def quant_demo(device: str | None = None) -> int:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Runs the demo on ``device`` (cpu, cuda, cuda:N; default: a usable GPU, else the CPU); a device this
+    machine cannot serve raises ``dsmoe._cli.CLIError`` before any work."""
+    dev = resolve_device(device, "dsmoe demo")
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(4, 7168, generator=g).to(dev, torch.bfloat16)
     w = (torch.randn(2112, 7168, generator=g) * 0.02).to(dev, torch.bfloat16)

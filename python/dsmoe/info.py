@@ -1,12 +1,27 @@
 """`dsmoe info`: version, build, torch, GPU and which ops have CUDA kernels."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
 
 from . import __version__, _native
 from .ops import OPS
+
+
+def package_version() -> str:
+    """The installed distribution's version when the running code is that installation, else ``__version__``
+    (a source tree on PYTHONPATH next to an older install reports the code that runs)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("dsmoe")
+        installed = os.path.realpath(str(dist.locate_file("dsmoe/__init__.py")))
+    except (metadata.PackageNotFoundError, OSError, ValueError):
+        return __version__
+    here = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__init__.py"))
+    return dist.version if installed == here else __version__
 
 
 def collect() -> dict:
@@ -35,7 +50,7 @@ def collect() -> dict:
         if gpus else [_native.sm90a_problem(build, None)],
     }
     return {
-        "dsmoe": __version__,
+        "dsmoe": package_version(),
         "native_module": C is not None,
         "build": build,
         "torch": torch.__version__,

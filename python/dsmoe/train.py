@@ -165,54 +165,94 @@ def loss_gap(h_fp8, h_bf16, last: int) -> float:
     return (a - b) / b
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dsmoe train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# what main() writes into --out (checked before training, written after it)
+OUT_FILES = ("loss.png", "expert_load.png", "summary.json")
+OUT_DIRS = ("checkpoint",)
+EVAL_SEQUENCES = 128
+FINAL_WINDOW = 20
+
+
+def _parser():
+    from ._cli import ArgumentParser, positive_float, positive_int, seed_int
+
+    p = ArgumentParser(prog="dsmoe train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", default=None, help="output directory (default: runs/<preset>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: the preset's)")
+    p.add_argument("--batch", type=positive_int, default=None, help="sequences per step (default: the preset's)")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a usable GPU, else cpu)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<preset>); created when the run ends")
+    p.add_argument("--seed", type=seed_int, default=0)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--bf16", "--no-fp8", dest="bf16", action="store_true", help="train without FP8 linears")
     g.add_argument("--compare", action="store_true", help="train FP8 and BF16 from the same seed and report the loss gap")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out_dir = a.out or os.path.join("runs", a.preset)
-    os.makedirs(out_dir, exist_ok=True)
+    return p
+
+
+def _mean_last(values, n: int) -> float:
+    tail = values[-n:]
+    return sum(tail) / len(tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsmoe train`: a user error is one line on stderr and exit status 2 (1: the device is unusable here);
+    every argument, the device and --out are checked before training, and --out is written only at the end."""
+    from ._cli import run
+
+    return run("dsmoe train", _main, argv)
+
+
+def _main(argv):
+    from ._cli import UNAVAILABLE, CLIError, check_out_dir, resolve_device
+
+    a = _parser().parse_args(argv)
+    dev = str(resolve_device(a.device, "dsmoe train"))
+    out_dir = check_out_dir(a.out if a.out is not None else os.path.join("runs", a.preset), "--out",
+                            files=OUT_FILES, dirs=OUT_DIRS)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
     kw = dict(steps=a.steps, device=dev, seed=a.seed, progress=not a.no_progress, batch=a.batch, lr=a.lr)
     model, task, hist = train(a.preset, fp8=not a.bf16, **kw)
     other = None
-    summary = {"preset": a.preset, "device": dev, "fp8": not a.bf16, "steps": len(hist["loss"]),
-               "loss_floor": task.loss_floor, "final_lm_loss_avg20": sum(hist["lm_loss"][-20:]) / min(20, len(hist["lm_loss"]))}
+    n_steps = len(hist["lm_loss"])
+    final_window = min(FINAL_WINDOW, n_steps)
+    summary = {"preset": a.preset, "device": dev, "fp8": not a.bf16, "steps": n_steps,
+               "loss_floor": task.loss_floor, "mtp_loss_floor": task.mtp_loss_floor,
+               "final_lm_loss_mean": _mean_last(hist["lm_loss"], final_window),
+               "final_lm_loss_window_steps": final_window}
     if a.compare:
         _, _, other = train(a.preset, fp8=False, **kw, label=" [compare]")
-        last = max(1, min(50, len(hist["lm_loss"]) // 5))
+        last = max(1, min(50, n_steps // 5))
         gap = loss_gap(hist, other, last)
-        summary.update(bf16_final_lm_loss_avg=sum(other["lm_loss"][-last:]) / last,
-                       fp8_final_lm_loss_avg=sum(hist["lm_loss"][-last:]) / last, gap_window=last,
+        summary.update(fp8_final_lm_loss_mean=_mean_last(hist["lm_loss"], last),
+                       bf16_final_lm_loss_mean=_mean_last(other["lm_loss"], last), gap_window_steps=last,
                        fp8_vs_bf16_relative_loss_gap=gap)
-    ev = evaluate(model, task)
+    ev = evaluate(model, task, n=EVAL_SEQUENCES)
     summary.update({k: v for k, v in ev.items()})
-    model.save_pretrained(os.path.join(out_dir, "checkpoint"))
-    _plots(hist, task, out_dir, other)
-    summary["wall_s"] = round(time.time() - t0, 1)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({**summary, "history": {k: v for k, v in hist.items() if k != "load"}}, f)
+    summary["eval_sequences"] = EVAL_SEQUENCES
+    try:  # --out was checked before training; this catches what changed since (disk full, permissions)
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(os.path.join(out_dir, "checkpoint"))
+        _plots(hist, task, out_dir, other)
+        summary["wall_s"] = round(time.time() - t0, 1)
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump({**summary, "history": {k: v for k, v in hist.items() if k != "load"}}, f)
+    except OSError as e:
+        raise CLIError(f"--out {out_dir}: writing the results failed ({e})", UNAVAILABLE) from None
+    n, w = EVAL_SEQUENCES, final_window
     print(f"task: permuted copy, {task.num_symbols} symbols, length {task.length}; loss floor {task.loss_floor:.4f} nats "
           f"(MTP: {task.mtp_loss_floor:.4f})")
-    print(f"final train LM loss (mean of last 20 steps): {summary['final_lm_loss_avg20']:.4f}; "
-          f"eval LM loss {ev['eval_lm_loss']:.4f}; MTP loss {ev['eval_mtp_loss']:.4f}")
+    eval_mtp = "n/a" if ev["eval_mtp_loss"] is None else f"{ev['eval_mtp_loss']:.4f}"
+    print(f"final train LM loss (mean of the last {w} step{'s' if w != 1 else ''}): {summary['final_lm_loss_mean']:.4f}; "
+          f"on {n} held-out sequences: LM loss {ev['eval_lm_loss']:.4f}, MTP loss {eval_mtp}")
     print(f"greedy sample : {ev['sample']}")
     print(f"target        : {ev['sample_target']}")
-    print(f"task accuracy : {100 * ev['accuracy']:.1f}% of mapped symbols, {100 * ev['exact_match']:.1f}% exact sequences")
+    print(f"task accuracy : {100 * ev['accuracy']:.1f}% of mapped symbols, {100 * ev['exact_match']:.1f}% exact sequences "
+          f"({n} held-out prompts, greedy)")
     if a.compare:
-        print(f"FP8 vs BF16: mean LM loss over the last {summary['gap_window']} steps "
-              f"{summary['fp8_final_lm_loss_avg']:.5f} vs {summary['bf16_final_lm_loss_avg']:.5f}: "
+        print(f"FP8 vs BF16: mean LM loss over the last {summary['gap_window_steps']} steps "
+              f"{summary['fp8_final_lm_loss_mean']:.5f} vs {summary['bf16_final_lm_loss_mean']:.5f}: "
               f"relative gap {100 * summary['fp8_vs_bf16_relative_loss_gap']:+.3f}%")
     print(f"wrote {out_dir}/loss.png, {out_dir}/expert_load.png, {out_dir}/checkpoint/ (HF format), summary.json "
           f"[{summary['wall_s']} s]")

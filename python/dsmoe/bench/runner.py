@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 
-from .harness import Harness, print_table, write_results
+from .._cli import UNAVAILABLE, CLIError, check_out_dir, cuda_problem
+from .harness import Harness, device_slug, print_table, write_results
 
 # The one list of suites: name -> module (relative to dsmoe.bench).
 SUITES = {
@@ -17,24 +19,59 @@ SUITES = {
 }
 
 
+def _import(name: str):
+    return importlib.import_module(SUITES[name], __package__)
+
+
+def _why(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def list_suites() -> int:
+    """Prints each suite with `ok` or why its module does not import; 1 when any does not."""
+    broken = []
+    for name in SUITES:
+        try:
+            _import(name)
+        except Exception as e:  # noqa: BLE001 - any failure to import makes the suite unusable; say which
+            broken.append(name)
+            print(f"{name:8s} BROKEN ({_why(e)})")
+        else:
+            print(f"{name:8s} ok")
+    if broken:
+        raise CLIError(f"suite(s) {', '.join(broken)} failed to import", UNAVAILABLE)
+    return 0
+
+
 def main(suites, *, out: str = "bench/results", quick: bool = False, list_only: bool = False) -> int:
+    """Raises ``dsmoe._cli.CLIError`` for a user error, before any suite runs or any file is written."""
     if list_only:
-        for name, mod in SUITES.items():
-            try:
-                importlib.import_module(mod, __package__)
-                print(name)
-            except ImportError:
-                print(f"{name} (not available in this build)")
-        return 0
+        return list_suites()
     if suites == ["all"]:
         suites = [s for s in SUITES if s != "headline"]
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
-        raise SystemExit(f"dsmoe bench: unknown suite(s) {unknown}; choose from {list(SUITES)} or 'all'")
+        raise CLIError(f"unknown suite(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SUITES)} or all")
+    check_out_dir(out, "--out")
+    problem = cuda_problem()
+    if problem is not None:
+        raise CLIError(f"benchmarks run on a CUDA GPU: {problem}", UNAVAILABLE)
+    mods = {}
+    for s in suites:
+        try:
+            mods[s] = _import(s)
+        except Exception as e:  # noqa: BLE001
+            raise CLIError(f"suite {s!r} failed to import ({_why(e)})", UNAVAILABLE) from None
+    slug_dir = os.path.join(out, device_slug())
+    for s in suites:
+        if os.path.isdir(os.path.join(slug_dir, f"{s}.json")):
+            raise CLIError(f"--out {out}: {os.path.join(slug_dir, s + '.json')} is a folder where results go")
+    if os.path.exists(slug_dir) and not os.path.isdir(slug_dir):
+        raise CLIError(f"--out {out}: {slug_dir} is a file where results go")
     h = Harness(reps=20 if quick else 50)
     for s in suites:
-        mod = importlib.import_module(SUITES[s], __package__)
-        cases, columns, extra = mod.run(h, quick)
+        cases, columns, extra = mods[s].run(h, quick)
         path = write_results(s, cases, out, extra)
         print_table(s, cases, columns)
         print(f"-> {path}")
