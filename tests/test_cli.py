@@ -292,4 +292,9 @@ def test_cli_errors_as_a_user_sees_them(tmp_path):
     r = _cli_subprocess(["train", "--preset", "micro", "--device", "cuda:99"], tmp_path)
     assert r.returncode == 1 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r
     assert r.stderr.startswith("dsmoe train: error: --device cuda:99: ") and "Traceback" not in r.stderr
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(dsmoe.__file__))))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "nosuch"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr == "dsmoe bench: error: unknown suite(s) 'nosuch'; choose from quant, gemm, mla, moe, ep, layer or all\n"
     assert _tree(tmp_path) == []
