@@ -254,7 +254,7 @@ def _main(argv):
         print(f"FP8 vs BF16: mean LM loss over the last {summary['gap_window_steps']} steps "
               f"{summary['fp8_final_lm_loss_mean']:.5f} vs {summary['bf16_final_lm_loss_mean']:.5f}: "
               f"relative gap {100 * summary['fp8_vs_bf16_relative_loss_gap']:+.3f}%")
-    print(f"wrote {out_dir}/loss.png, {out_dir}/expert_load.png, {out_dir}/checkpoint/ (HF format), summary.json "
+    print(f"wrote {out_dir}/loss.png, {out_dir}/expert_load.png, {out_dir}/checkpoint/ (HF format), {out_dir}/summary.json "
           f"[{summary['wall_s']} s]")
     return 0
 
