@@ -298,3 +298,15 @@ def test_cli_errors_as_a_user_sees_them(tmp_path):
     assert r.returncode == 2 and r.stdout == "", r
     assert r.stderr == "dsmoe bench: error: unknown suite(s) 'nosuch'; choose from quant, gemm, mla, moe, ep, layer or all\n"
     assert _tree(tmp_path) == []
+
+
+def test_bench_tables_say_what_their_medians_are_over(capsys):
+    from types import SimpleNamespace
+
+    from dsmoe.bench import runner
+
+    runner._say_what_was_averaged(SimpleNamespace(warmup=5), [{"reps": 50}, {"reps": 20}, {}], {"timing": "slowest rank"})
+    assert capsys.readouterr().out == ("median_ms: median of 20 or 50 timed runs per case (CUDA events, after 5 warm-up "
+                                       "runs, L2 flushed before each)\ntiming: slowest rank\n")
+    runner._say_what_was_averaged(SimpleNamespace(warmup=5), [{}], {})
+    assert capsys.readouterr().out == ""

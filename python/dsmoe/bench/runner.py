@@ -28,6 +28,15 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+def _say_what_was_averaged(h, cases, extra) -> None:
+    reps = sorted({c["reps"] for c in cases if "reps" in c})
+    if reps:
+        print(f"median_ms: median of {' or '.join(map(str, reps))} timed runs per case (CUDA events, "
+              f"after {h.warmup} warm-up runs, L2 flushed before each)")
+    if extra and extra.get("timing"):
+        print(f"timing: {extra['timing']}")
+
+
 def list_suites() -> int:
     """Prints each suite with `ok` or why its module does not import; 1 when any does not."""
     broken = []
@@ -74,5 +83,6 @@ def main(suites, *, out: str = "bench/results", quick: bool = False, list_only: 
         cases, columns, extra = mods[s].run(h, quick)
         path = write_results(s, cases, out, extra)
         print_table(s, cases, columns)
+        _say_what_was_averaged(h, cases, extra)
         print(f"-> {path}")
     return 0
