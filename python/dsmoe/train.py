@@ -210,7 +210,8 @@ def _main(argv):
     dev = str(resolve_device(a.device, "dsmoe train"))
     out_dir = check_out_dir(a.out if a.out is not None else os.path.join("runs", a.preset), "--out",
                             files=OUT_FILES, dirs=OUT_DIRS)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # the user's (or a shared machine's) thread limit wins
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
     kw = dict(steps=a.steps, device=dev, seed=a.seed, progress=not a.no_progress, batch=a.batch, lr=a.lr)
     model, task, hist = train(a.preset, fp8=not a.bf16, **kw)
