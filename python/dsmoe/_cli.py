@@ -127,7 +127,8 @@ def cuda_problem(dev=None) -> str | None:
             return f"this torch ({torch.__version__}) is built without CUDA"
         return "no CUDA device is visible to torch"
     if _native.native() is None:
-        return f"the compiled module dsmoe._C is missing ({_native._IMPORT_ERROR})"
+        why = _native._IMPORT_ERROR
+        return "the compiled module dsmoe._C is missing" + (f" ({why})" if why else "")
     if not _native.cuda_compiled():
         return "dsmoe._C was built without CUDA kernels (no nvcc at build time); rebuild with nvcc"
     index = torch.cuda.current_device() if dev is None or dev.index is None else dev.index
