@@ -45,9 +45,9 @@ int ep_max_ranks() { return ep::kMaxRanks; }
 
 void launch_ep_copy_rows(uintptr_t src, uintptr_t dest_rank, uintptr_t dest_row, uintptr_t counts,
                          const std::vector<uintptr_t>& peer_data, const std::vector<uintptr_t>& peer_counts,
-                         const std::vector<uintptr_t>& peer_flags, uintptr_t epoch, uintptr_t done_blocks, int64_t n,
+                         const std::vector<uintptr_t>& peer_flags, uintptr_t epoch, uintptr_t done_blocks, uintptr_t status, int64_t n,
                          int64_t src_row_bytes, int64_t row_bytes, int64_t dst_pitch, int64_t max_rows, int rank, int world,
-                         int fanout, int num_sms, uintptr_t stream) {
+                         int fanout, int signature, int num_sms, uintptr_t stream) {
   DSMOE_CHECK_ARG(world >= 1 && world <= ep::kMaxRanks, kOp, "group", "world size must be in [1, ", ep::kMaxRanks,
                   "] for the nvlink backend, got ", world);
   DSMOE_CHECK_ARG(rank >= 0 && rank < world, kOp, "rank", "must be in [0, ", world, "), got ", rank);
@@ -76,8 +76,10 @@ void launch_ep_copy_rows(uintptr_t src, uintptr_t dest_rank, uintptr_t dest_row,
   }
   p.epoch = reinterpret_cast<const unsigned long long*>(epoch);
   p.done_blocks = reinterpret_cast<unsigned int*>(done_blocks);
+  DSMOE_CHECK_ARG(status != 0, kOp, "status", "the status word pointer must be set");
+  p.status = reinterpret_cast<const int*>(status);
   p.n = n; p.src_row_bytes = src_row_bytes; p.row_bytes = row_bytes; p.dst_pitch = dst_pitch; p.max_rows = max_rows;
-  p.rank = rank; p.world = world; p.fanout = fanout;
+  p.rank = rank; p.world = world; p.fanout = fanout; p.signature = signature;
   // NOTE: the grid is the SM budget (at least one block so the signal is always sent, even for n = 0).
   const int64_t want = (n + 7) / 8;
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_sms, want)));

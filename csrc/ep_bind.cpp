@@ -14,8 +14,8 @@ void register_ep(py::module_& m) {
   m.def("ep_max_ranks", &ep_max_ranks);
   m.def("ep_copy_rows", &launch_ep_copy_rows, "rows to peer buffers + counts/flag signal", py::arg("src"),
         py::arg("dest_rank"), py::arg("dest_row"), py::arg("counts"), py::arg("peer_data"), py::arg("peer_counts"),
-        py::arg("peer_flags"), py::arg("epoch"), py::arg("done_blocks"), py::arg("n"), py::arg("src_row_bytes"),
-        py::arg("row_bytes"), py::arg("dst_pitch"), py::arg("max_rows"), py::arg("rank"), py::arg("world"), py::arg("fanout"), py::arg("num_sms"), py::arg("stream"));
+        py::arg("peer_flags"), py::arg("epoch"), py::arg("done_blocks"), py::arg("status"), py::arg("n"), py::arg("src_row_bytes"),
+        py::arg("row_bytes"), py::arg("dst_pitch"), py::arg("max_rows"), py::arg("rank"), py::arg("world"), py::arg("fanout"), py::arg("signature"), py::arg("num_sms"), py::arg("stream"));
   m.def("ep_wait", &launch_ep_wait, "bounded wait for every peer's flag", py::arg("flags"), py::arg("epoch"),
         py::arg("error"), py::arg("world"), py::arg("timeout_s"), py::arg("stream"));
 }

@@ -221,7 +221,21 @@ def test_config_validation():
         EPConfig(world_size=2, num_experts=8, hidden=12, backend="nvlink", max_tokens_per_rank=64)
     cfg = EPConfig(world_size=4, num_experts=256, hidden=7168, backend="nvlink", max_tokens_per_rank=128)
     assert cfg.num_local_experts == 64
-    assert cfg.nvlink_recv_bytes(2, 8) == 4 * 128 * (7168 * 2 + 64)
+    # what the transport allocates: both regions (dispatch pitch: bf16 row + ids + weights for top_k_max=32;
+    # combine pitch: bf16 row + weight gradients) plus counts, flags, epochs, done counters, status words
+    disp_row, comb_row = 7168 * 2 + 2 * 32 * 4, 7168 * 2 + 32 * 4
+    assert cfg.nvlink_recv_bytes() == 4 * 128 * (disp_row + comb_row) + 2 * 32 + 2 * 32 + 5 * 16
+    big = EPConfig(world_size=8, num_experts=256, hidden=7168, backend="nvlink", max_tokens_per_rank=4096)
+    assert 950e6 < big.nvlink_recv_bytes() < 953e6          # ~952 MB at 8 ranks x 4096 tokens
+    assert EPConfig(world_size=2, num_experts=8, hidden=16).nvlink_recv_bytes() == 0  # collective: nothing
+    # FP8 dispatch copies its own row (bytes + scales + ids + weights), about half the bf16 row
+    lay = big.nvlink_layout()
+    assert lay.dispatch_row(True, 8)[0] == 7168 + 56 * 4 + 2 * 32 == 7456
+    assert lay.dispatch_row(False, 8)[0] == 7168 * 2 + 2 * 32
+    # num_sms: bounded by the device's SM count when the transport is built (B200 has 148), not by 132
+    assert EPConfig(world_size=2, num_experts=8, hidden=16, backend="nvlink", max_tokens_per_rank=8, num_sms=148).num_sms == 148
+    with pytest.raises(ValueError, match="num_sms"):
+        EPConfig(world_size=2, num_experts=8, hidden=16, backend="nvlink", max_tokens_per_rank=8, num_sms=0)
 
 
 def test_layout_single_process():

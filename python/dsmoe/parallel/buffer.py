@@ -15,124 +15,68 @@ gradients travel back the same way); the backward of combine is a dispatch of th
 
 Backends:
 - ``"collective"``: ``torch.distributed.all_to_all_single`` (NCCL on GPUs, gloo on CPU). Any world size,
-  any hidden size, any device torch.distributed supports. Each call first exchanges the per-rank counts
-  (one small all_to_all), then the payload; this is a host synchronization (sizes are data-dependent).
+  any hidden size, any device torch.distributed supports. A dispatch is one small count exchange (which
+  also carries each rank's call signature) and ONE byte-row all_to_all (payload | scales | local ids |
+  weights); the count read-back is a host synchronization (sizes are data-dependent). A combine and each
+  backward are one byte-row all_to_all.
 - ``"nvlink"``: CUDA kernels that write straight into the peers' receive buffers over CUDA IPC (see
   dsmoe.parallel.nvlink); single node, CUDA only.
 
-Failure handling: every collective runs under the process group's timeout; a peer that died or never
-calls raises ``EPTimeoutError`` (a RuntimeError) naming the operation, never hangs.
+Collective discipline (see docs/moe.md, "Failure semantics"):
+- Every rank issues the same sequence of collectives whatever its local data or autograd state: empty
+  batches exchange zero rows; the backward of dispatch always returns both the row and the weight
+  gradients (zeros where a rank needs neither); dispatch and combine hang on a shared autograd anchor,
+  so their backward runs on every rank that runs a backward through the layer at all.
+- Agreement: the first dispatch runs a handshake (hidden, num_experts, backend, world layout, buffer
+  size) and every dispatch's count exchange carries (dtype, top_k, FP8 form): ranks that disagree all
+  raise ValueError naming the field and each rank's value, before any payload moves.
+- Timeouts: every collective is issued with ``async_op=True`` and waited with ``work.wait(timeout)``
+  (``timeout`` defaults to the process group's); a dead or absent peer raises ``EPTimeoutError`` within
+  it. The buffer then refuses later calls (the group's state is unknown after a failed collective).
+  Argument errors are raised as they are, before any collective, never relabelled as timeouts.
 """
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from .. import _checks as C
 from .. import _native
+from .common import BACKENDS, EPConfig, EPHandle, EPTimeoutError, disagreement, dtype_code, dtype_name, \
+    get_dispatch_layout
+from .nvlink import NVLinkTransport
 
 __all__ = ["EPConfig", "EPBuffer", "EPHandle", "EPTimeoutError", "get_dispatch_layout"]
 
-_BACKENDS = ("collective", "nvlink")
+_HANDSHAKE_MAGIC = 0x44534D4F45  # "DSMOE": a rank whose first collective is something else shows up here
+_HS_FIELDS = ("magic", "hidden", "num_experts", "backend", "world_size", "max_tokens_per_rank", "group_ranks")
+_CALL_FIELDS = ("dtype", "top_k", "fp8")
 
 
-class EPTimeoutError(RuntimeError):
-    """A collective of the EP buffer failed or timed out (a peer died, or never joined)."""
+def group_timeout(group) -> datetime.timedelta:
+    """The timeout the process group was created with (its backend's options), or torch's default."""
+    for dev in ("cpu", "cuda"):
+        try:
+            t = group._get_backend(torch.device(dev)).options._timeout
+        except Exception:  # noqa: BLE001 - private API: any failure falls back to the default
+            continue
+        if isinstance(t, datetime.timedelta) and t.total_seconds() > 0:
+            return t
+    return dist.default_pg_timeout
 
 
-@dataclass(frozen=True)
-class EPConfig:
-    """Validated configuration. ``max_tokens_per_rank`` sizes the worst-case receive buffer of the nvlink
-    backend (each source writes at most that many tokens to each peer); ``num_sms`` bounds its kernels."""
-    world_size: int
-    num_experts: int
-    hidden: int
-    backend: str = "collective"
-    max_tokens_per_rank: int = 0
-    num_sms: int = 20
-    top_k_max: int = 32
-    num_local_experts: int = field(init=False)
-
-    def __post_init__(self):
-        def bad(arg, msg):
-            raise ValueError(f"dsmoe.EPBuffer: argument '{arg}': {msg}")
-
-        for name in ("world_size", "num_experts", "hidden"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                bad(name, f"must be a positive int, got {v!r}")
-        if self.num_experts % self.world_size:
-            bad("num_experts", f"{self.num_experts} experts cannot be split evenly over world size {self.world_size}")
-        if self.backend not in _BACKENDS:
-            bad("backend", f"must be one of {_BACKENDS}, got {self.backend!r}")
-        if self.backend == "nvlink":
-            if self.max_tokens_per_rank <= 0:
-                bad("max_tokens_per_rank", f"the nvlink backend needs a positive worst-case token count per rank, "
-                    f"got {self.max_tokens_per_rank}")
-            if not (1 <= self.num_sms <= 132):
-                bad("num_sms", f"must be in [1, 132], got {self.num_sms}")
-            if self.hidden % 8:
-                bad("hidden", f"the nvlink backend moves 16-byte vectors: hidden must be a multiple of 8, got {self.hidden}")
-        object.__setattr__(self, "num_local_experts", self.num_experts // self.world_size)
-
-    def nvlink_recv_bytes(self, elem_size: int = 2, top_k: int = 8) -> int:
-        """Bytes of one rank's receive buffer: W sources x max_tokens rows of payload + idx + weights."""
-        row = self.hidden * elem_size + top_k * 8
-        return self.world_size * self.max_tokens_per_rank * row
-
-
-def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, world_size: int, *, validate: bool = True):
-    """``(num_tokens_per_rank int32 [W], num_tokens_per_expert int32 [E], is_token_in_rank bool [T, W])``.
-
-    A token counts once per rank that hosts any of its experts; -1 entries are skipped. Any other id
-    outside ``[0, E)`` is a ValueError naming 'topk_idx' (``validate=True``: reads the range back, a host
-    sync on a GPU, skipped while compiling or capturing a CUDA graph); unchecked, such ids are skipped
-    like -1 (as the permutation layout kernel does), never an out-of-bounds access."""
-    op = "get_dispatch_layout"
-    C.check_tensor(op, "topk_idx", topk_idx, dtypes=(torch.int32, torch.int64), ndim=2)
-    C.check_int(op, "num_experts", num_experts, min_value=1)
-    C.check_int(op, "world_size", world_size, min_value=1)
-    if num_experts % world_size:
-        raise ValueError(f"dsmoe.{op}: argument 'num_experts'={num_experts} must be a multiple of world_size={world_size}")
-    if validate:
-        C.check_index_range(op, "topk_idx", topk_idx, -1, num_experts, "-1 = skipped")
-    T, k = topk_idx.shape
-    L = num_experts // world_size
-    idx = topk_idx.long()
-    valid = (idx >= 0) & (idx < num_experts)
-    rank_of = torch.where(valid, idx // L, torch.full_like(idx, world_size))
-    in_rank = torch.zeros(T, world_size + 1, dtype=torch.bool, device=idx.device)
-    in_rank.scatter_(1, rank_of, True)
-    in_rank = in_rank[:, :world_size]
-    # NOTE: no boolean-mask indexing or CUDA bincount here (both read sizes back to the host): the nvlink
-    # backend's graph-safe mode calls this under CUDA graph capture.
-    slots = torch.where(valid, idx, torch.full_like(idx, num_experts)).flatten()
-    per_expert = torch.zeros(num_experts + 1, dtype=torch.int64, device=idx.device)
-    per_expert.scatter_add_(0, slots, torch.ones_like(slots))
-    return in_rank.sum(0).to(torch.int32), per_expert[:num_experts].to(torch.int32), in_rank
-
-
-@dataclass
-class EPHandle:
-    """What combine (and the backward passes) need from a dispatch."""
-    num_tokens: int
-    send_token_idx: torch.Tensor   # int64 [S]: local token of each sent row, grouped by destination rank
-    send_counts: list              # rows sent to each rank
-    recv_counts: list              # rows received from each rank
-    slot_is_local: torch.Tensor    # bool [S, k]: slot j of sent row i belongs to its destination
-    top_k: int
-
-
-def _a2a(group, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str, timeout) -> torch.Tensor:
-    try:
-        dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group)
-    except Exception as e:  # noqa: BLE001 - every backend raises its own type
-        raise EPTimeoutError(f"dsmoe.EPBuffer.{what}: all_to_all failed (a peer died, diverged or did not call within "
-                             f"the process-group timeout {timeout}): {e}") from e
-    return out
+def _as_timedelta(t) -> datetime.timedelta:
+    if isinstance(t, datetime.timedelta):
+        td = t
+    elif isinstance(t, (int, float)) and not isinstance(t, bool):
+        td = datetime.timedelta(seconds=float(t))
+    else:
+        raise TypeError(f"dsmoe.EPBuffer: argument 'timeout' must be seconds or a datetime.timedelta, got {t!r}")
+    if not td.total_seconds() > 0:
+        raise ValueError(f"dsmoe.EPBuffer: argument 'timeout' must be positive, got {t!r}")
+    return td
 
 
 def _as_bytes_rows(t: torch.Tensor) -> torch.Tensor:
@@ -141,6 +85,13 @@ def _as_bytes_rows(t: torch.Tensor) -> torch.Tensor:
     for d in t.shape[1:]:
         row *= d
     return t.contiguous().view(torch.uint8).view(t.shape[0], row)
+
+
+def _from_bytes(rows: torch.Tensor, lo: int, hi: int, dtype: torch.dtype, *shape) -> torch.Tensor:
+    # NOTE: a fresh dense copy: .contiguous() keeps a one-row slice's odd row stride, which view(dtype) rejects
+    out = torch.empty(rows.shape[0], hi - lo, dtype=torch.uint8, device=rows.device)
+    out.copy_(rows[:, lo:hi])
+    return out.view(dtype).view(rows.shape[0], *shape)
 
 
 class EPBuffer:
@@ -162,9 +113,13 @@ class EPBuffer:
         self.hidden = hidden
         self.backend = backend
         self.graph_safe = graph_safe
-        # NOTE: the process group's own timeout bounds every collective here; ``timeout`` only names it
-        # in error messages (torch exposes no public getter for a group's timeout).
-        self.timeout = timeout if timeout is not None else "set at init_process_group"
+        # every wait (collective work, nvlink wait kernel) is bounded by this; the group's own by default
+        self.timeout = group_timeout(group) if timeout is None else _as_timedelta(timeout)
+        self._failed: str | None = None
+        self._handshake_done = False
+        # NOTE: dispatch/combine take this leaf as an extra input so that their backward nodes exist (and
+        # run) on every rank, whatever requires grad locally: the backward is collective.
+        self._anchor = torch.zeros((), requires_grad=True)
         self._nvlink = None
         if backend == "nvlink" and "ep" in _native.disabled_kernels():
             # DSMOE_DISABLE_KERNELS=ep: the collective backend is the reference of the nvlink kernels. Its
@@ -174,13 +129,75 @@ class EPBuffer:
                                    "backend's graph_safe=True layout has no reference; use graph_safe=False")
             self.backend = "collective"
         elif backend == "nvlink":
-            from .nvlink import NVLinkTransport
-            self._nvlink = NVLinkTransport(self)
+            self._nvlink = NVLinkTransport(self)  # runs the handshake first (its first collective)
+
+    # ------------------------------------------------------------------ agreement
+    def _handshake_row(self) -> list[int]:
+        ranks = dist.get_process_group_ranks(self.group)
+        h = 0
+        for r in ranks:  # order-sensitive digest of the world layout (global ranks of the group members)
+            h = (h * 1000003 + r + 1) % (1 << 61)
+        cfg = self.config
+        return [_HANDSHAKE_MAGIC, cfg.hidden, cfg.num_experts, BACKENDS.index(self.backend), cfg.world_size,
+                cfg.max_tokens_per_rank if self.backend == "nvlink" else 0, h]
+
+    def _handshake(self, device) -> None:
+        """First call: every rank gathers every rank's structural config; any difference raises ValueError
+        on every rank. Both backends run it as their first collective (same form), so a backend mismatch
+        is caught too."""
+        if self._handshake_done:
+            return
+        mine = torch.tensor(self._handshake_row(), dtype=torch.int64, device=device)
+        got = [torch.empty_like(mine) for _ in range(self.world_size)]
+        self._wait(lambda: dist.all_gather(got, mine, group=self.group, async_op=True), "handshake")
+        rows = [g.tolist() for g in got]
+        diff = disagreement(rows, _HS_FIELDS, {"backend": lambda v: BACKENDS[v] if 0 <= v < len(BACKENDS) else v})
+        if diff:
+            raise ValueError(f"dsmoe.EPBuffer: the ranks of the group disagree on the configuration ({diff}); every "
+                             f"rank must build its EPBuffer with the same num_experts, hidden, backend and group")
+        self._handshake_done = True
+
+    # ------------------------------------------------------------------ collectives
+    def _check_usable(self, what):
+        if self._failed is not None:
+            raise EPTimeoutError(f"dsmoe.EPBuffer.{what}: an earlier collective of this buffer failed ({self._failed}); "
+                                 f"the process group is in an unknown state: rebuild it and the buffer")
+
+    def _wait(self, issue, what):
+        """Runs ``issue()`` (an async collective) and waits for it within the timeout. Communication failures
+        become EPTimeoutError and poison the buffer; ValueError/TypeError (arguments) pass unchanged."""
+        self._check_usable(what)
+        try:
+            work = issue()
+            ok = work.wait(self.timeout)
+        except (ValueError, TypeError):
+            raise
+        except Exception as e:  # noqa: BLE001 - every backend raises its own type
+            self._failed = f"{what}: {type(e).__name__}: {str(e)[:200]}"
+            raise EPTimeoutError(f"dsmoe.EPBuffer.{what}: collective failed or timed out after {self.timeout} (a peer "
+                                 f"died, diverged or did not call): {e}") from e
+        if ok is False:
+            self._failed = f"{what}: timed out"
+            raise EPTimeoutError(f"dsmoe.EPBuffer.{what}: collective did not complete within {self.timeout}")
+
+    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str) -> torch.Tensor:
+        if out_splits is not None:
+            if len(out_splits) != self.world_size or len(in_splits) != self.world_size or \
+                    sum(out_splits) != out.shape[0] or sum(in_splits) != inp.shape[0]:
+                raise ValueError(f"dsmoe.EPBuffer.{what}: split sizes {list(in_splits)} -> {list(out_splits)} do not "
+                                 f"match {inp.shape[0]} -> {out.shape[0]} rows over {self.world_size} ranks")
+        elif out.shape[0] % self.world_size or out.shape != inp.shape:
+            raise ValueError(f"dsmoe.EPBuffer.{what}: even all_to_all needs equal [W*n, ...] tensors, got "
+                             f"{tuple(inp.shape)} -> {tuple(out.shape)}")
+        inp = inp.contiguous()
+        self._wait(lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True),
+                   what)
+        return out
 
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor):
         self._check_topk(topk_idx, "get_dispatch_layout")
-        return get_dispatch_layout(topk_idx, self.num_experts, self.world_size)
+        return get_dispatch_layout(topk_idx, self.num_experts, self.world_size, validate=False)
 
     def _check_topk(self, topk_idx, op, topk_weights=None, num_tokens=None):
         if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype not in (torch.int32, torch.int64) or topk_idx.dim() != 2:
@@ -189,7 +206,9 @@ class EPBuffer:
         if num_tokens is not None and topk_idx.shape[0] != num_tokens:
             raise ValueError(f"dsmoe.EPBuffer.{op}: argument 'topk_idx' must have {num_tokens} rows (one per token), "
                              f"got shape {tuple(topk_idx.shape)}")
-        if topk_idx.numel() and C.can_read_device_values(topk_idx):
+        # NOTE: graph_safe never reads values back (a host sync): out-of-range ids are then dropped by the
+        # layout and reported by the nvlink status word (check_error), see nvlink.py.
+        if topk_idx.numel() and not self.graph_safe and C.can_read_device_values(topk_idx):
             lo, hi = int(topk_idx.min()), int(topk_idx.max())
             if lo < -1 or hi >= self.num_experts:
                 raise ValueError(f"dsmoe.EPBuffer.{op}: argument 'topk_idx': values must be in [-1, {self.num_experts}), "
@@ -198,12 +217,16 @@ class EPBuffer:
                                          or not topk_weights.dtype.is_floating_point):
             raise ValueError(f"dsmoe.EPBuffer.{op}: argument 'topk_weights' must be a float tensor of shape "
                              f"{tuple(topk_idx.shape)}, got {tuple(getattr(topk_weights, 'shape', ()))}")
+        if topk_weights is not None and topk_weights.device != topk_idx.device:
+            raise ValueError(f"dsmoe.EPBuffer.{op}: 'topk_idx' and 'topk_weights' must be on one device, got "
+                             f"{topk_idx.device} and {topk_weights.device}")
 
     # ------------------------------------------------------------------ dispatch
+    @torch.compiler.disable
     def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
         """``x [T, H]`` or ``(x_fp8 [T, H], scales [T, H/128])`` -> ``(recv_x, recv_topk_idx,
         recv_topk_weights, num_recv_tokens_per_expert, handle)``. Differentiable in x and the weights
-        (not for FP8 input)."""
+        (not for FP8 input). Under torch.compile it runs eagerly (a graph break: its sizes come from peers)."""
         fp8 = isinstance(x, (tuple, list))
         xs = x[0] if fp8 else x
         if not isinstance(xs, torch.Tensor) or xs.dim() != 2 or xs.shape[1] != self.hidden:
@@ -213,103 +236,167 @@ class EPBuffer:
             if xs.dtype != torch.float8_e4m3fn or self.hidden % 128:
                 raise ValueError(f"dsmoe.EPBuffer.dispatch: argument 'x': the FP8 form takes float8_e4m3fn [T, H] with H a "
                                  f"multiple of 128, got {xs.dtype} H={self.hidden}")
-            if x[1].shape != (xs.shape[0], self.hidden // 128) or x[1].dtype != torch.float32:
+            if not isinstance(x[1], torch.Tensor) or x[1].shape != (xs.shape[0], self.hidden // 128) or \
+                    x[1].dtype != torch.float32:
                 raise ValueError(f"dsmoe.EPBuffer.dispatch: argument 'x' scales must be fp32 {(xs.shape[0], self.hidden // 128)}, "
-                                 f"got {x[1].dtype} {tuple(x[1].shape)}")
+                                 f"got {getattr(x[1], 'dtype', None)} {tuple(getattr(x[1], 'shape', ()))}")
+        elif not xs.dtype.is_floating_point or xs.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise TypeError(f"dsmoe.EPBuffer.dispatch: argument 'x' must be a float tensor (or the (fp8, scales) "
+                            f"pair), got {xs.dtype}")
         self._check_topk(topk_idx, "dispatch", topk_weights, xs.shape[0])
+        if topk_idx.device != xs.device:
+            raise ValueError(f"dsmoe.EPBuffer.dispatch: 'x' and 'topk_idx' must be on one device, got {xs.device} "
+                             f"and {topk_idx.device}")
+        self._check_usable("dispatch")
         if self._nvlink is not None:
             return self._nvlink.dispatch(x, topk_idx, topk_weights)
+        self._handshake(xs.device)
         if fp8:
             handle, (rq, rs), ridx, rw, cnt = _dispatch_impl(self, (x[0], x[1]), topk_idx, topk_weights)
             return (rq, rs), ridx, rw, cnt, handle
         box = {}
-        recv_x, recv_w, ridx, cnt = _Dispatch.apply(x, topk_weights, topk_idx, self, box)
+        recv_x, recv_w, ridx, cnt = _Dispatch.apply(x, topk_weights, self._anchor, topk_idx, self, box)
         return recv_x, ridx, recv_w, cnt, box["handle"]
 
+    @torch.compiler.disable
     def combine(self, y: torch.Tensor, handle: EPHandle) -> torch.Tensor:
-        """``y [R, H]`` (rows as dispatch delivered them) -> ``out [T, H]``: the per-rank copies of each
-        token summed in rank order (fp32 accumulation, y's dtype). Differentiable."""
+        """``y [R, H]`` (rows as dispatch delivered them, in the dispatch's dtype; bfloat16 after an FP8
+        dispatch) -> ``out [T, H]``: the per-rank copies of each token summed in rank order (fp32
+        accumulation, y's dtype). Differentiable."""
+        if not isinstance(handle, EPHandle):
+            raise TypeError(f"dsmoe.EPBuffer.combine: argument 'handle' must be the EPHandle of a dispatch, got "
+                            f"{type(handle).__name__}")
         R = sum(handle.recv_counts)
         if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != R or y.shape[1] != self.hidden:
             raise ValueError(f"dsmoe.EPBuffer.combine: argument 'y' must be [{R}, {self.hidden}] (the received rows), "
                              f"got {tuple(getattr(y, 'shape', ()))}")
+        if y.dtype != handle.dtype:
+            # NOTE: the row size on the wire follows the dtype; every rank holds the same handle dtype (agreed
+            # at dispatch), so requiring it keeps the ranks' byte counts equal.
+            raise TypeError(f"dsmoe.EPBuffer.combine: argument 'y' must have the dispatch's dtype {handle.dtype} "
+                            f"(every rank sends rows of that size), got {y.dtype}")
+        self._check_usable("combine")
         if self._nvlink is not None:
             return self._nvlink.combine(y, handle)
-        return _Combine.apply(y, handle, self)
+        return _Combine.apply(y, self._anchor, handle, self)
+
+    def check_error(self) -> None:
+        """nvlink backend: raises what the device status word reports (a peer timed out: EPTimeoutError;
+        invalid topk ids or ranks that disagree in graph-safe mode: ValueError). A host sync; call it outside
+        graph capture, e.g. after a step. No-op for the collective backend (it raises at the call)."""
+        if self._nvlink is not None:
+            self._nvlink.check_error()
 
     def close(self) -> None:
         """Releases the nvlink backend's CUDA IPC buffer. Collective: every rank calls it (it synchronizes
-        the GPU and the group so no peer still maps or writes the memory). No-op for ``collective``."""
+        the GPU and the group so no peer still maps or writes the memory). Captured CUDA graphs that replay
+        after close() do nothing and return NaN (see nvlink.py). No-op for ``collective``."""
         if self._nvlink is not None:
             self._nvlink.close()  # later dispatch/combine calls raise
+
+
+def _exchange_signature(buf: EPBuffer, send_counts: torch.Tensor, sig: list[int], what: str) -> list[int]:
+    """The count exchange: row d = [rows to d, *signature]. Returns the counts received; raises ValueError on
+    every rank when any rank's signature differs (each rank receives every rank's signature)."""
+    W = buf.world_size
+    mine = torch.tensor(sig, dtype=torch.int64, device=send_counts.device)
+    send = torch.cat([send_counts.to(torch.int64).view(W, 1), mine.view(1, -1).expand(W, -1)], 1).contiguous()
+    recv = torch.empty_like(send)
+    buf._a2a(recv, send, None, None, what)
+    rows = recv.tolist()
+    diff = disagreement([r[1:] for r in rows], _CALL_FIELDS, {"dtype": dtype_name})
+    if diff:
+        raise ValueError(f"dsmoe.EPBuffer.{what}: the ranks disagree on this call ({diff}); every rank must dispatch "
+                         f"the same dtype, top_k and form")
+    return [r[0] for r in rows]
 
 
 def _dispatch_impl(buf: EPBuffer, x, topk_idx, topk_weights):
     W, L = buf.world_size, buf.num_local_experts
     fp8 = isinstance(x, tuple)
     xs = x[0] if fp8 else x
+    dev = xs.device
     T, k = topk_idx.shape
     idx = topk_idx.long()
-    _, _, in_rank = get_dispatch_layout(topk_idx, buf.num_experts, W)
+    _, _, in_rank = get_dispatch_layout(topk_idx, buf.num_experts, W, validate=False)  # checked by dispatch
     # rows grouped by destination rank, tokens ascending inside
     dest, tok = in_rank.t().nonzero(as_tuple=True)
     send_counts = torch.bincount(dest, minlength=W)
     send_idx = idx[tok]  # [S, k] global ids
     local = (send_idx >= 0) & (send_idx // L == dest.unsqueeze(1))
     send_lidx = torch.where(local, send_idx - dest.unsqueeze(1) * L, torch.full_like(send_idx, -1)).to(torch.int32)
-    send_w = torch.where(local, topk_weights[tok].float(), torch.zeros((), dtype=torch.float32, device=xs.device))
-    recv_counts_t = torch.empty_like(send_counts)
-    _a2a(buf.group, recv_counts_t, send_counts, None, None, "dispatch", buf.timeout)
-    sc, rc = send_counts.tolist(), recv_counts_t.tolist()
+    send_w = torch.where(local, topk_weights[tok].float(), torch.zeros((), dtype=torch.float32, device=dev))
+    sig = [dtype_code(xs.dtype), k, int(fp8)]
+    rc = _exchange_signature(buf, send_counts, sig, "dispatch")
+    sc = send_counts.tolist()
     R = sum(rc)
-    handle = EPHandle(T, tok, sc, rc, local, k)
-
-    def move(rows: torch.Tensor) -> torch.Tensor:
-        b = _as_bytes_rows(rows)
-        out = torch.empty(R, b.shape[1], dtype=torch.uint8, device=b.device)
-        _a2a(buf.group, out, b, rc, sc, "dispatch", buf.timeout)
-        return out.view(rows.dtype).view(R, *rows.shape[1:])
-
+    handle = EPHandle(T, tok, sc, rc, local, k, torch.bfloat16 if fp8 else xs.dtype)
+    # ONE byte row per (token, destination): payload | scales (FP8) | local ids | weights
+    parts = [_as_bytes_rows(xs[tok])] + ([_as_bytes_rows(x[1][tok])] if fp8 else []) + \
+        [_as_bytes_rows(send_lidx), _as_bytes_rows(send_w)]
+    widths = [p.shape[1] for p in parts]
+    rows = torch.cat(parts, 1) if tok.numel() else torch.empty(0, sum(widths), dtype=torch.uint8, device=dev)
+    out = torch.empty(R, sum(widths), dtype=torch.uint8, device=dev)
+    buf._a2a(out, rows, rc, sc, "dispatch")
+    cuts = [0]
+    for w_ in widths:
+        cuts.append(cuts[-1] + w_)
+    H = buf.hidden
     if fp8:
-        recv = (move(x[0][tok]), move(x[1][tok]))
+        recv = (_from_bytes(out, cuts[0], cuts[1], torch.float8_e4m3fn, H),
+                _from_bytes(out, cuts[1], cuts[2], torch.float32, H // 128))
     else:
-        recv = move(xs[tok])
-    ridx = move(send_lidx)
-    rw = move(send_w)
+        recv = _from_bytes(out, cuts[0], cuts[1], xs.dtype, H)
+    ridx = _from_bytes(out, cuts[-3], cuts[-2], torch.int32, k)
+    rw = _from_bytes(out, cuts[-2], cuts[-1], torch.float32, k)
     cnt = torch.bincount(ridx[ridx >= 0].long(), minlength=L).to(torch.int32)
     return handle, recv, ridx, rw, cnt
 
 
-def _combine_impl(buf: EPBuffer, y: torch.Tensor, handle: EPHandle) -> torch.Tensor:
-    """Sends received rows back and sums the copies of each token in rank order."""
-    S = sum(handle.send_counts)
-    b = _as_bytes_rows(y)
-    back = torch.empty(S, b.shape[1], dtype=torch.uint8, device=y.device)
-    _a2a(buf.group, back, b, handle.send_counts, handle.recv_counts, "combine", buf.timeout)
-    back = back.view(y.dtype).view(S, y.shape[1])
-    acc_t = torch.float64 if y.dtype == torch.float64 else torch.float32
-    out = torch.zeros(handle.num_tokens, y.shape[1], dtype=acc_t, device=y.device)
+def _sum_back(back: torch.Tensor, handle: EPHandle, acc_t) -> torch.Tensor:
+    out = torch.zeros(handle.num_tokens, back.shape[1], dtype=acc_t, device=back.device)
     start = 0
     for c in handle.send_counts:  # NOTE: rank order; a token appears at most once per rank slice
         sl = slice(start, start + c)
-        out[handle.send_token_idx[sl]] += back[sl].to(acc_t)
+        out.index_add_(0, handle.send_token_idx[sl], back[sl].to(acc_t))
         start += c
-    return out.to(y.dtype)
+    return out
+
+
+def _combine_impl(buf: EPBuffer, y: torch.Tensor, handle: EPHandle, gw: torch.Tensor | None = None, what="combine"):
+    """Sends received rows back and sums the copies of each token in rank order. With ``gw`` (fp32
+    ``[R, k]``, the dispatch backward) the rows carry the weight gradients too: returns ``(out, dw fp32 [T, k])``."""
+    S = sum(handle.send_counts)
+    H, k = y.shape[1], handle.top_k
+    b = _as_bytes_rows(y)
+    if gw is not None:
+        b = torch.cat([b, _as_bytes_rows(gw.float())], 1)
+    back = torch.empty(S, b.shape[1], dtype=torch.uint8, device=y.device)
+    buf._a2a(back, b, handle.send_counts, handle.recv_counts, what)
+    vals = _from_bytes(back, 0, H * y.element_size(), y.dtype, H)
+    acc_t = torch.float64 if y.dtype == torch.float64 else torch.float32
+    out = _sum_back(vals, handle, acc_t).to(y.dtype)
+    if gw is None:
+        return out
+    wb = _from_bytes(back, H * y.element_size(), b.shape[1], torch.float32, k)
+    wb = torch.where(handle.slot_is_local, wb, torch.zeros_like(wb))
+    dw = torch.zeros(handle.num_tokens, k, dtype=torch.float32, device=y.device)
+    dw.index_add_(0, handle.send_token_idx, wb)  # one local slot per (token, j): exact
+    return out, dw
 
 
 def _dispatch_rows(buf: EPBuffer, rows: torch.Tensor, handle: EPHandle) -> torch.Tensor:
     """Sends ``rows[send_token_idx]`` with the handle's splits (dispatch of a gradient / of [T, *] data)."""
     R = sum(handle.recv_counts)
-    src = rows[handle.send_token_idx]
-    b = _as_bytes_rows(src)
+    b = _as_bytes_rows(rows[handle.send_token_idx])
     out = torch.empty(R, b.shape[1], dtype=torch.uint8, device=rows.device)
-    _a2a(buf.group, out, b, handle.recv_counts, handle.send_counts, "dispatch", buf.timeout)
+    buf._a2a(out, b, handle.recv_counts, handle.send_counts, "combine backward")
     return out.view(rows.dtype).view(R, *rows.shape[1:])
 
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_weights, topk_idx, buf, box):
+    def forward(ctx, x, topk_weights, _anchor, topk_idx, buf, box):
         handle, recv, ridx, rw, cnt = _dispatch_impl(buf, x, topk_idx, topk_weights)
         box["handle"] = handle
         ctx.buf, ctx.handle, ctx.w_dtype = buf, handle, topk_weights.dtype
@@ -319,32 +406,25 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_recv, g_w, _g_idx, _g_cnt):
         buf, h = ctx.buf, ctx.handle
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if g_recv is None:
-                g_recv = torch.zeros(sum(h.recv_counts), buf.hidden, device=h.send_token_idx.device)
-            dx = _combine_impl(buf, g_recv.contiguous(), h)
-        dw = None
-        if ctx.needs_input_grad[1]:
-            R, S = sum(h.recv_counts), sum(h.send_counts)
-            gw = g_w if g_w is not None else torch.zeros(R, h.top_k, device=h.send_token_idx.device)
-            b = _as_bytes_rows(gw.float().contiguous())
-            back = torch.empty(S, b.shape[1], dtype=torch.uint8, device=b.device)
-            _a2a(buf.group, back, b, h.send_counts, h.recv_counts, "dispatch backward", buf.timeout)
-            back = back.view(torch.float32).view(S, h.top_k)
-            back = torch.where(h.slot_is_local, back, torch.zeros_like(back))
-            dw = torch.zeros(h.num_tokens, h.top_k, dtype=torch.float32, device=back.device)
-            dw.index_add_(0, h.send_token_idx, back)  # one local slot per (token, j): exact
-            dw = dw.to(ctx.w_dtype)
-        return dx, dw, None, None, None
+        dev = h.send_token_idx.device
+        R = sum(h.recv_counts)
+        # NOTE: both gradients always travel (zeros when absent or not needed here): every rank must run the
+        # same collective with the same row size, whatever its own autograd graph needs.
+        g = g_recv.to(h.dtype) if g_recv is not None else torch.zeros(R, buf.hidden, dtype=h.dtype, device=dev)
+        gw = g_w.float() if g_w is not None else torch.zeros(R, h.top_k, dtype=torch.float32, device=dev)
+        dx, dw = _combine_impl(buf, g.contiguous(), h, gw.contiguous(), "dispatch backward")
+        return (dx if ctx.needs_input_grad[0] else None), (dw.to(ctx.w_dtype) if ctx.needs_input_grad[1] else None), \
+            None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, handle, buf):
+    def forward(ctx, y, _anchor, handle, buf):
         ctx.buf, ctx.handle = buf, handle
         return _combine_impl(buf, y, handle)
 
     @staticmethod
     def backward(ctx, g):
-        return _dispatch_rows(ctx.buf, g.contiguous(), ctx.handle), None, None
+        h = ctx.handle
+        dy = _dispatch_rows(ctx.buf, g.to(h.dtype).contiguous(), h)
+        return (dy if ctx.needs_input_grad[0] else None), None, None, None
