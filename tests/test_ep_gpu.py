@@ -4,9 +4,15 @@ gradients, graph-safe mode, bitwise reruns, and a dead peer (EPTimeoutError with
 
 test_nvlink_matches_collective runs ALL its processes on ONE GPU (CUDA IPC works within a device): it
 checks the protocol, not NVLink. test_nvlink_two_gpus runs one process per GPU and only where at least
-2 GPUs are visible. Token counts stay within max_tokens_per_rank (64) on every rank."""
+2 GPUs are visible. Token counts stay within max_tokens_per_rank (64) on every rank.
+
+Failure semantics (test_nvlink_failure_semantics): FP8 rows copy only their own bytes; zero sizes; graph-safe
+dispatch never synchronizes the host; a timeout poisons (graph-safe) or raises (eager), later calls never
+return stale rows; close() vs captured graphs; a dropped buffer frees its IPC memory."""
 import datetime
+import gc
 import socket
+import time
 
 import pytest
 import torch
@@ -118,7 +124,7 @@ def _worker(rank, world, port, graph_safe, one_gpu=True):
                 graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(got, expect) and torch.equal(got.cpu(), outc)
-            nv._nvlink.check_error()
+            nv.check_error()
         nv.close()
         with pytest.raises(RuntimeError, match="closed"):
             nv.dispatch(x.cuda(), idx.cuda(), w.cuda())
@@ -163,7 +169,170 @@ def _dead_peer_worker(rank, world, port):
         dist.destroy_process_group()
 
 
+def _worker_failure_semantics(rank, world, port):
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        E, H, k, Tmax = 8, 256, 2, 16
+        dev = torch.device("cuda")
+        g = torch.Generator().manual_seed(rank)
+        T = 9 + rank
+        x = torch.randn(T, H, generator=g).bfloat16().to(dev)
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32).to(dev)
+        w = torch.rand(T, k, generator=g).to(dev)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        with pytest.raises(ValueError, match="num_sms"):
+            EPBuffer(None, E, H, backend="nvlink", max_tokens_per_rank=Tmax, num_sms=sms + 1)
+        # the default wait budget is the process group's timeout
+        assert EPBuffer(None, E, H).timeout == datetime.timedelta(seconds=30)
+
+        # --- FP8 rows: only bytes + scales + ids + weights travel (~half the bf16 row); the rest of the pitch
+        # in the receiver's region stays untouched
+        nv = EPBuffer(None, E, H, backend="nvlink", max_tokens_per_rank=Tmax, num_sms=4, timeout=10)
+        tr = nv._nvlink
+        row_bytes = tr.lay.dispatch_row(True, k)[0]
+        assert row_bytes == 256 + 16 + 2 * 16 < tr.lay.dispatch_row(False, k)[0] == 512 + 2 * 16
+        tr._view(tr.o_ddata, world * Tmax * tr.row).fill_(0xAB)
+        torch.cuda.synchronize()
+        dist.barrier()
+        q = (torch.randn(T, H, generator=g) * 30).to(torch.float8_e4m3fn).to(dev)
+        sc = torch.rand(T, H // 128, generator=g).to(dev)
+        (rq, rs), ri, rw, cnt, h = nv.dispatch((q, sc), idx, w)
+        co = EPBuffer(None, E, H)
+        (cq, cs), ci, cw, _, _ = co.dispatch((q.cpu(), sc.cpu()), idx.cpu(), w.cpu())
+        assert torch.equal(rq.cpu().view(torch.uint8), cq.view(torch.uint8)) and torch.equal(rs.cpu(), cs)
+        assert torch.equal(ri.cpu(), ci) and torch.equal(rw.cpu(), cw)
+        region = tr._view(tr.o_ddata, world * Tmax * tr.row).view(world * Tmax, tr.row).cpu()
+        got = tr._view(tr.o_dcnt, 2 * world, torch.int32).cpu()[0::2].tolist()
+        for s_ in range(world):
+            rows = region[s_ * Tmax:s_ * Tmax + got[s_]]
+            assert (rows[:, row_bytes:] == 0xAB).all(), "bytes past the FP8 row were written"
+            assert not (rows[:, :row_bytes] == 0xAB).all(1).any()
+        nv.combine(torch.ones(rq.shape[0], H, dtype=torch.bfloat16, device=dev), h)  # bf16 combine after FP8
+        nv.close()
+
+        # --- graph-safe dispatch + combine + backward: no host synchronization at all
+        gs = EPBuffer(None, E, H, backend="nvlink", max_tokens_per_rank=Tmax, num_sms=4, graph_safe=True, timeout=10)
+        xg = x.clone().requires_grad_(True)
+        bad = idx.clone()
+        bad[0, 0] = E + 3  # out of range: no check possible without a sync; flagged, poisoned, raised later
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            a, ai, aw, _, ha = gs.dispatch(xg, idx, w)
+            o = gs.combine((a.float() * 2).bfloat16(), ha)
+            o.float().sum().backward()
+            b, bi, bw, _, hb = gs.dispatch(x, bad if rank == 0 else idx, w)
+            ob = gs.combine(b, hb)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        assert torch.isfinite(o.float()).all() and torch.isfinite(xg.grad.float()).all()
+        if rank == 0:
+            assert torch.isnan(b.float()).all() and torch.isnan(ob.float()).all() and (bi == -1).all()
+            with pytest.raises(ValueError, match="topk_idx"):
+                gs.check_error()
+        gs.check_error()  # reported once, then cleared: the buffer stays usable
+        a2, ai2, *_ = gs.dispatch(x, idx, w)
+        torch.cuda.synchronize()
+        live = (ai2 >= 0).any(1)
+        assert torch.equal(ai2, ai) and torch.equal(a2[live], a.detach()[live])
+
+        # --- a timeout in graph-safe mode: NaN outputs, sticky; later calls return at once, never stale rows
+        gs2 = EPBuffer(None, E, H, backend="nvlink", max_tokens_per_rank=Tmax, num_sms=4, graph_safe=True, timeout=1.0)
+        r = gs2.dispatch(x, idx, w)
+        gs2.combine(r[0], r[4])
+        torch.cuda.synchronize()
+        dist.barrier()
+        if rank == 0:
+            t0 = time.time()
+            r = gs2.dispatch(x, idx, w)      # rank 1 does not call: the wait kernel gives up after ~1 s
+            out = gs2.combine(r[0], r[4])
+            torch.cuda.synchronize()
+            assert time.time() - t0 > 0.9
+            assert torch.isnan(r[0].float()).all() and torch.isnan(r[2]).all() and (r[1] == -1).all()
+            assert torch.isnan(out.float()).all()
+            with pytest.raises(EPTimeoutError):
+                gs2.check_error()
+            t0 = time.time()
+            r = gs2.dispatch(x, idx, w)
+            torch.cuda.synchronize()
+            assert time.time() - t0 < 0.5 and torch.isnan(r[0].float()).all()  # no second budget, poisoned
+            dist.barrier()
+        else:
+            dist.barrier()                   # rank 0 has given up; its kernels no longer signal
+            r = gs2.dispatch(x, idx, w)
+            out = gs2.combine(r[0], r[4])
+            torch.cuda.synchronize()
+            assert torch.isnan(out.float()).all()  # the failure spread: poisoned, not stale
+            with pytest.raises(EPTimeoutError):
+                gs2.check_error()
+
+        # --- the same in eager mode: EPTimeoutError, then every later call raises at once
+        ea = EPBuffer(None, E, H, backend="nvlink", max_tokens_per_rank=Tmax, num_sms=4, timeout=1.0)
+        ea.dispatch(x, idx, w)
+        dist.barrier()
+        if rank == 0:
+            with pytest.raises(EPTimeoutError):
+                ea.dispatch(x, idx, w)
+            t0 = time.time()
+            with pytest.raises(EPTimeoutError):
+                ea.dispatch(x, idx, w)
+            assert time.time() - t0 < 0.5
+        dist.barrier()
+        if rank == 1:
+            with pytest.raises(EPTimeoutError):
+                ea.dispatch(x, idx, w)
+                ea.dispatch(x, idx, w)
+
+        # --- close() vs a captured graph: replays after close are no-ops over live memory and return NaN
+        cg = EPBuffer(None, E, H, backend="nvlink", max_tokens_per_rank=Tmax, num_sms=4, graph_safe=True, timeout=10)
+
+        def step():
+            a, _, aw, _, ha = cg.dispatch(x, idx, w)
+            return cg.combine(a, ha)
+
+        expect = step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, expect)
+        cg.close()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.isnan(got.float()).all()
+        del graph
+
+        # --- a buffer dropped without close() frees its IPC memory (finalizer)
+        for b_ in (gs, gs2, ea):
+            b_.close()
+        torch.cuda.synchronize()
+        dist.barrier()
+        free0 = torch.cuda.mem_get_info()[0]
+        big = EPBuffer(None, E, H, backend="nvlink", max_tokens_per_rank=4096, num_sms=4)
+        nbytes = big.config.nvlink_recv_bytes()
+        assert nbytes > 40 * 2**20
+        dist.barrier()
+        del big
+        gc.collect()
+        torch.cuda.synchronize()
+        dist.barrier()
+        assert torch.cuda.mem_get_info()[0] > free0 - nbytes // 2
+    finally:
+        dist.destroy_process_group()
+
+
 def test_nvlink_dead_peer_times_out():
     """A peer that never joins the exchange: the waiting rank raises EPTimeoutError after about its 3 s
     budget (wall-clock wait in the kernel) instead of hanging."""
     mp.spawn(_dead_peer_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_nvlink_failure_semantics():
+    """FP8 row size, sync-free graph-safe path, timeout poisoning (graph-safe) and raising (eager), close()
+    vs a captured graph, the finalizer; 2 processes on one GPU."""
+    mp.spawn(_worker_failure_semantics, args=(2, _free_port()), nprocs=2, join=True)

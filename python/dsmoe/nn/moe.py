@@ -241,7 +241,7 @@ class MoE(nn.Module):
             # of the local slots applied there), combine the partial sums back in rank order.
             recv_x, ridx, rw, _cnt, handle = self._ep.dispatch(x2, idx, w.to(torch.float32))
             y_local = self._local_experts(recv_x, ridx, rw, self.experts.num_experts)
-            return self._ep.combine(y_local, handle).to(x2.dtype)
+            return self._ep.combine(y_local.to(recv_x.dtype), handle).to(x2.dtype)
         return self._local_experts(x2, idx, w.to(torch.float32), self.num_experts).to(x2.dtype)
 
     def _local_experts(self, x2, idx, w, num_experts):

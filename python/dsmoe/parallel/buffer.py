@@ -38,6 +38,8 @@ Collective discipline (see docs/moe.md, "Failure semantics"):
 from __future__ import annotations
 
 import datetime
+import functools
+import sys
 
 import torch
 import torch.distributed as dist
@@ -53,6 +55,23 @@ __all__ = ["EPConfig", "EPBuffer", "EPHandle", "EPTimeoutError", "get_dispatch_l
 _HANDSHAKE_MAGIC = 0x44534D4F45  # "DSMOE": a rank whose first collective is something else shows up here
 _HS_FIELDS = ("magic", "hidden", "num_experts", "backend", "world_size", "max_tokens_per_rank", "group_ranks")
 _CALL_FIELDS = ("dtype", "top_k", "fp8")
+
+
+def _eager_only(fn):
+    """``torch.compiler.disable(fn)``, created on first use: dispatch/combine run eagerly at a graph break
+    under torch.compile (their sizes come from the peers). NOTE: lazily, because applying it at import time
+    imports torch._dynamo (seconds per process); without dynamo loaded nothing can be compiling."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
 
 
 def group_timeout(group) -> datetime.timedelta:
@@ -141,7 +160,7 @@ class EPBuffer:
         return [_HANDSHAKE_MAGIC, cfg.hidden, cfg.num_experts, BACKENDS.index(self.backend), cfg.world_size,
                 cfg.max_tokens_per_rank if self.backend == "nvlink" else 0, h]
 
-    def _handshake(self, device) -> None:
+    def _handshake(self, device, what: str = "dispatch") -> None:
         """First call: every rank gathers every rank's structural config; any difference raises ValueError
         on every rank. Both backends run it as their first collective (same form), so a backend mismatch
         is caught too."""
@@ -149,7 +168,7 @@ class EPBuffer:
             return
         mine = torch.tensor(self._handshake_row(), dtype=torch.int64, device=device)
         got = [torch.empty_like(mine) for _ in range(self.world_size)]
-        self._wait(lambda: dist.all_gather(got, mine, group=self.group, async_op=True), "handshake")
+        self._wait(lambda: dist.all_gather(got, mine, group=self.group, async_op=True), f"{what} (first-call handshake)")
         rows = [g.tolist() for g in got]
         diff = disagreement(rows, _HS_FIELDS, {"backend": lambda v: BACKENDS[v] if 0 <= v < len(BACKENDS) else v})
         if diff:
@@ -208,7 +227,8 @@ class EPBuffer:
                              f"got shape {tuple(topk_idx.shape)}")
         # NOTE: graph_safe never reads values back (a host sync): out-of-range ids are then dropped by the
         # layout and reported by the nvlink status word (check_error), see nvlink.py.
-        if topk_idx.numel() and not self.graph_safe and C.can_read_device_values(topk_idx):
+        sync_free = self.graph_safe and self.backend == "nvlink"
+        if topk_idx.numel() and not sync_free and C.can_read_device_values(topk_idx):
             lo, hi = int(topk_idx.min()), int(topk_idx.max())
             if lo < -1 or hi >= self.num_experts:
                 raise ValueError(f"dsmoe.EPBuffer.{op}: argument 'topk_idx': values must be in [-1, {self.num_experts}), "
@@ -222,7 +242,7 @@ class EPBuffer:
                              f"{topk_idx.device} and {topk_weights.device}")
 
     # ------------------------------------------------------------------ dispatch
-    @torch.compiler.disable
+    @_eager_only
     def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
         """``x [T, H]`` or ``(x_fp8 [T, H], scales [T, H/128])`` -> ``(recv_x, recv_topk_idx,
         recv_topk_weights, num_recv_tokens_per_expert, handle)``. Differentiable in x and the weights
@@ -258,7 +278,7 @@ class EPBuffer:
         recv_x, recv_w, ridx, cnt = _Dispatch.apply(x, topk_weights, self._anchor, topk_idx, self, box)
         return recv_x, ridx, recv_w, cnt, box["handle"]
 
-    @torch.compiler.disable
+    @_eager_only
     def combine(self, y: torch.Tensor, handle: EPHandle) -> torch.Tensor:
         """``y [R, H]`` (rows as dispatch delivered them, in the dispatch's dtype; bfloat16 after an FP8
         dispatch) -> ``out [T, H]``: the per-rank copies of each token summed in rank order (fp32

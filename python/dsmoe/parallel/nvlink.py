@@ -102,18 +102,18 @@ class _Memory:
             torch.cuda.synchronize(self.device)
             if collective_group is not None:
                 dist.barrier(group=collective_group)  # no kernel of any rank still writes into a peer
-            if self.captured:
-                # NOTE: captured graphs hold raw pointers into this memory and into the peers'; keep both
-                # mapped until the process exits rather than let a replay touch freed memory.
-                self.base, self.peers = 0, []
-                return
-            for r, p in enumerate(self.peers):
-                if r != self.rank:
-                    self.C.ep_ipc_close(p)
+            # NOTE: captured graphs hold raw pointers into this memory and into the peers'; then both stay
+            # mapped until the process exits rather than let a replay touch freed memory. The barriers run
+            # either way (every rank must issue the same collectives).
+            if not self.captured:
+                for r, p in enumerate(self.peers):
+                    if r != self.rank:
+                        self.C.ep_ipc_close(p)
             if collective_group is not None:
                 dist.barrier(group=collective_group)  # every importer has closed its mapping
-            self.status = None
-            self.C.ep_free(self.base)
+            if not self.captured:
+                self.status = None
+                self.C.ep_free(self.base)
             self.base, self.peers = 0, []
 
 
@@ -194,7 +194,7 @@ class NVLinkTransport:
             raise RuntimeError("dsmoe.EPBuffer: the nvlink buffer was closed")
         err, inp = self._status.tolist()
         if err > 0:
-            self._failed = f"peer rank {err - 1} did not signal within {self.buf.timeout}"
+            self._failed = f"peer rank {err - 1} did not signal within the timeout ({self.buf.timeout})"
             raise EPTimeoutError(f"dsmoe.EPBuffer (nvlink): {self._failed}; the buffer is unusable (every later call "
                                  f"fails or returns NaN): rebuild it")
         if err < 0:
@@ -330,8 +330,9 @@ class NVLinkTransport:
         else:
             rc = None
             rows = data
+            # NOTE: expand, not repeat_interleave (no output size to read back)
             slot = torch.arange(T, device=dev).repeat(W)
-            valid = slot < rcounts.long().repeat_interleave(T)
+            valid = slot < rcounts.long().view(W, 1).expand(W, T).reshape(-1)
             sigs = self._view(self.o_dcnt, 2 * W, torch.int32)[1::2]
             self._status[1:].masked_fill_((sigs != sig).any().view(1), 2)
             poison = self._poison_flag()
@@ -392,8 +393,8 @@ class NVLinkTransport:
             dest_rank, dest_row = src, slot
         else:
             slot = torch.arange(T, dtype=torch.int32, device=dev).repeat(W)
-            srcs = torch.arange(W, dtype=torch.int32, device=dev).repeat_interleave(T)
-            ok = slot < nv["recv_counts_dev"].repeat_interleave(T)
+            srcs = torch.arange(W, dtype=torch.int32, device=dev).view(W, 1).expand(W, T).reshape(-1)
+            ok = slot < nv["recv_counts_dev"].view(W, 1).expand(W, T).reshape(-1)
             dest_rank = torch.where(ok, srcs, torch.full_like(srcs, -1))
             dest_row = slot
         n = y.shape[0]
