@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 E = 12
+HID = 64  # small: CPU grouped GEMMs run over 128-row padded expert segments
 SITUATIONS = ("random", "one_rank", "empty_ranks", "grad_some")
 
 
@@ -24,7 +25,7 @@ def _tokens(situation, r):
 
 def _cfg():
     from dsmoe.models import DeepseekV3Config
-    return DeepseekV3Config(vocab_size=16, hidden_size=128, moe_intermediate_size=64, n_routed_experts=E,
+    return DeepseekV3Config(vocab_size=16, hidden_size=HID, moe_intermediate_size=32, n_routed_experts=E,
                             num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, num_hidden_layers=1,
                             first_k_dense_replace=0, intermediate_size=64, num_attention_heads=1, kv_lora_rank=32,
                             q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
@@ -33,7 +34,7 @@ def _cfg():
 def _inputs(situation, r):
     g = torch.Generator().manual_seed(100 + r + 10 * SITUATIONS.index(situation))
     T = _tokens(situation, r)
-    return torch.randn(1, T, 128, generator=g), torch.randn(1, T, 128, generator=g)
+    return torch.randn(1, T, HID, generator=g), torch.randn(1, T, HID, generator=g)
 
 
 def _worker(rank, world, port, q):
@@ -55,14 +56,14 @@ def _worker(rank, world, port, q):
 
 
 def _check_compiled(rank, world):
-    """torch.compile (aot_eager) of the EP layer, an empty rank included: same output and gradients as eager.
+    """torch.compile of the EP layer, an empty rank included: same output and gradients as eager.
     bf16 weights: the grouped GEMM's meta kernel takes bf16 only."""
     from dsmoe.nn import MoE
     torch.manual_seed(1)
     eager = MoE(_cfg(), fp8=False, dtype=torch.bfloat16, ep_group=dist.group.WORLD).train()
     torch.manual_seed(1)
     comp = MoE(_cfg(), fp8=False, dtype=torch.bfloat16, ep_group=dist.group.WORLD).train()
-    model = torch.compile(comp, backend="aot_eager", dynamic=True)
+    model = torch.compile(comp, backend="eager", dynamic=True)  # dynamo only (aot_eager: tests/test_ep.py)
     for situation in ("empty_ranks",):  # rank 1 has no token: a zero-size graph next to a non-empty one
         x, g = _inputs(situation, rank)
         outs = []
