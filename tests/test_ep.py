@@ -361,7 +361,7 @@ def test_dispatch_combine(world, E):
 @pytest.mark.dist
 @pytest.mark.timeout(90)
 def test_peer_absent_or_killed_raises_timeout():
-    world, timeout_s = 3, 4
+    world, timeout_s = 3, 3
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()

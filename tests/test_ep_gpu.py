@@ -253,12 +253,14 @@ def _worker_failure_semantics(rank, world, port):
             assert time.time() - t0 > 0.9
             assert torch.isnan(r[0].float()).all() and torch.isnan(r[2]).all() and (r[1] == -1).all()
             assert torch.isnan(out.float()).all()
+            t0 = time.time()
+            r = gs2.dispatch(x, idx, w)      # as a graph replay would: no second budget, poisoned
+            torch.cuda.synchronize()
+            assert time.time() - t0 < 0.5 and torch.isnan(r[0].float()).all() and (r[1] == -1).all()
             with pytest.raises(EPTimeoutError):
                 gs2.check_error()
-            t0 = time.time()
-            r = gs2.dispatch(x, idx, w)
-            torch.cuda.synchronize()
-            assert time.time() - t0 < 0.5 and torch.isnan(r[0].float()).all()  # no second budget, poisoned
+            with pytest.raises(EPTimeoutError, match="earlier exchange failed"):
+                gs2.dispatch(x, idx, w)      # once the host knows, eager calls fail at once
             dist.barrier()
         else:
             dist.barrier()                   # rank 0 has given up; its kernels no longer signal

@@ -26,8 +26,8 @@ Failure semantics (both modes): the error word is sticky. Once set (a timeout, o
 kernel does nothing (no peer writes, no signal) and the wait kernel returns at once, so the failure
 spreads to the peers (they time out) instead of the epochs drifting apart; eager calls raise
 (EPTimeoutError / RuntimeError), graph-safe outputs are poisoned: ``recv_x``, ``recv_topk_weights``, the
-combine output and the weight gradients are NaN, ``recv_topk_idx`` is -1 and the counts 0. No call after a
-failure returns stale rows as data. A local input error (graph-safe: ids outside [-1, E), or ranks that
+combine output and the weight gradients are NaN, ``recv_topk_idx`` is -1 and the counts 0 (and once
+``check_error()`` has reported the timeout, calls raise). No call after a failure returns stale rows as data. A local input error (graph-safe: ids outside [-1, E), or ranks that
 disagree) poisons that call's outputs the same way and is raised (then cleared) by ``check_error()``.
 
 Lifetime: ``close()`` (collective) sets the error word to "closed", synchronizes, closes the peers'
