@@ -210,6 +210,16 @@ def _worker_failure_semantics(rank, world, port):
             assert (rows[:, row_bytes:] == 0xAB).all(), "bytes past the FP8 row were written"
             assert not (rows[:, :row_bytes] == 0xAB).all(1).any()
         nv.combine(torch.ones(rq.shape[0], H, dtype=torch.bfloat16, device=dev), h)  # bf16 combine after FP8
+        # --- zero is a size: rank 0 routes every token to -1, rank 1 has no token; forward and backward
+        xe = (x[:0] if rank == 1 else x).clone().requires_grad_(True)
+        ie = idx[:0] if rank == 1 else torch.full_like(idx, -1)
+        we = (w[:0] if rank == 1 else w).clone().requires_grad_(True)
+        a, ai, aw, acnt, ha = nv.dispatch(xe, ie, we)
+        assert a.shape == (0, H) and ai.shape == (0, k) and int(acnt.sum()) == 0
+        o = nv.combine(a * 2, ha)
+        assert o.shape == xe.shape and (o == 0).all()
+        (o.float().sum() + aw.sum()).backward()
+        assert xe.grad.shape == xe.shape and (xe.grad == 0).all() and (we.grad == 0).all()
         nv.close()
 
         # --- graph-safe dispatch + combine + backward: no host synchronization at all
