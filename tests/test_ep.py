@@ -482,3 +482,16 @@ def test_nvlink_owner_weight_grad_matches_masked_sum():
         expect += torch.where(local, per_rank[r], torch.zeros(()))
     assert torch.equal(dw, expect)
     assert owner_weight_grad(per_rank[:, :0], idx[:0], L).shape == (0, k)
+
+
+def test_no_import_circle_between_buffer_and_nvlink():
+    """buffer.py imports nvlink.py; nvlink.py takes what it shares with buffer.py from common.py."""
+    import ast
+
+    import dsmoe.parallel.common as common
+    import dsmoe.parallel.nvlink as nvlink
+    for mod, forbidden in ((nvlink, ("buffer",)), (common, ("buffer", "nvlink"))):
+        tree = ast.parse(open(mod.__file__).read())
+        imported = {(n.module or "").rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name.rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & set(forbidden), (mod.__name__, imported)
