@@ -424,13 +424,16 @@ def test_bias_update_balances_routing():
     h = torch.randn(T, 16)
     logits = h @ w.T
     bias = torch.zeros(E)
-    first = None
+    ratios = []
     for _ in range(300):
         idx, _ = ops.moe_route(logits, bias, top_k=4, n_group=4, topk_group=2, routed_scaling_factor=1.0)
         load = ops.expert_load(idx, E).float()
-        first = first if first is not None else load.max() / load.mean()
+        ratios.append((load.max() / load.mean()).item())
         ops.update_expert_bias(bias, load, 0.01)
-    assert load.max() / load.mean() < 0.7 * first
+    # NOTE: the sign update makes the load oscillate step to step, so the last step alone is a noisy
+    # statistic (it missed 0.7x for ~2% of seeds); the mean of the last 50 steps stays <= 0.66x over 200
+    # seeds, against ~1.0x for a bias update that does nothing.
+    assert sum(ratios[-50:]) / 50 < 0.72 * ratios[0]
 
 
 def test_sequence_balance_loss():
