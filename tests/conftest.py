@@ -2,6 +2,17 @@ import os
 import random
 import zlib
 
+import tempfile
+
+# NOTE: torch.compile's on-disk caches live in /tmp/torchinductor_<user> by default, shared by every run
+# on the machine; a compiled backward cached from an earlier version of an op's autograd formula was
+# seen being served after the formula changed. Each test session compiles into its own folder (and
+# subprocesses inherit it) unless the caller chose one.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _OWN_CACHE = tempfile.mkdtemp(prefix="dsmoe-inductor-")
+else:
+    _OWN_CACHE = None
+
 import pytest
 import torch
 
@@ -20,6 +31,13 @@ def pytest_report_header(config):
     if _MUTATION:
         head += f"\nDSMOE_TEST_MUTATION={_MUTATION}: an op is broken on purpose (tests/mutations.py)"
     return head
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
