@@ -71,6 +71,150 @@ def test_decode_ignores_unused_pages_and_slots():
     assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
 
 
+# ----------------------------------------------------------------------------- any MLA sizes
+def _small_cache(seqlens, D, gen=None):
+    """A paged bf16 cache with D values per token (NaN in unused pages and slots), from the 576 builder."""
+    cache, bt, cs, kv = make_paged_cache(seqlens, gen=gen)
+    return cache[..., :D].contiguous(), bt, cs
+
+
+def _dense_any(q, cache, bt, seqlens, dv, scale, causal):
+    """fp64 masked softmax over each sequence's gathered rows, any d_qk / d_v (independent of dsmoe.ref)."""
+    B, s_q, H, D = q.shape
+    out = torch.zeros(B, s_q, H, dv, dtype=torch.float64)
+    lse = torch.full((B, H, s_q), float("inf"), dtype=torch.float64)
+    for b, n in enumerate(seqlens):
+        k = cache[bt[b, : -(-n // 64)].long()].reshape(-1, D)[:n].double()
+        for i in range(s_q):
+            lim = max(0, min(n - s_q + i + 1 if causal else n, n))
+            if lim:
+                s = q[b, i].double() @ k[:lim].T * scale
+                out[b, i] = torch.softmax(s, -1) @ k[:lim, :dv]
+                lse[b, :, i] = torch.logsumexp(s, -1)
+    return out, lse
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L,R,H", [(64, 16, 4), (32, 8, 3), (33, 6, 5), (7, 2, 1), (48, 0, 2), (512, 64, 129)])
+def test_decode_any_mla_sizes(L, R, H, causal):
+    """The latent width (head_dim_v), rope width and head count are free on the reference path (the small
+    models' decode path); checked against a plain masked softmax in fp64."""
+    seqlens = [0, 1, 5, 64, 70, 130]
+    s_q = 3
+    cache, bt, cs = _small_cache(seqlens, L + R)
+    q = torch.randn(len(seqlens), s_q, H, L + R).bfloat16()
+    md, ns = ops.get_mla_metadata(cs, s_q * H)
+    out, lse = ops.mla_decode_with_kvcache(q, cache, bt, cs, L, md, ns, 0.3, causal)
+    ref_o, ref_l = _dense_any(q, cache, bt, seqlens, L, 0.3, causal)
+    assert out.shape == (len(seqlens), s_q, H, L) and out.dtype == torch.bfloat16 and not torch.isnan(out).any()
+    assert ((out.double() - ref_o).abs() <= 1e-5 + 2**-8 * ref_o.abs()).all()   # one bf16 rounding
+    assert lse_close(lse, ref_l, 1e-5)
+    assert (out[0] == 0).all() and torch.isposinf(lse[0]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_absorbed_matches_unabsorbed_small_sizes(causal):
+    H, s_q, d_nope, d_v, L, R = 3, 2, 16, 12, 32, 8
+    seqlens = [0, 3, 77]
+    cache, bt, cs = _small_cache(seqlens, L + R)
+    w_kv_b = torch.randn(H * (d_nope + d_v), L) / math.sqrt(L)
+    q_nope = torch.randn(len(seqlens), s_q, H, d_nope)
+    q_rope = torch.randn(len(seqlens), s_q, H, R)
+    out_n, lse_n = ref.mla_decode_unabsorbed(q_nope, q_rope, cache, bt, cs, w_kv_b, 0.2, causal)
+    q_abs = ref.mla_absorb_q(q_nope, q_rope, w_kv_b)
+    assert q_abs.shape == (len(seqlens), s_q, H, L + R)
+    o_lat, lse_a = ref.mla_decode_with_kvcache(q_abs, cache, bt, cs, L, 0.2, causal)
+    out_a = ref.mla_unabsorb_out(o_lat, w_kv_b, d_nope)
+    assert out_a.shape == out_n.shape == (len(seqlens), s_q, H, d_v)
+    assert (out_a - out_n).abs().max() < 1e-4 and lse_close(lse_a, lse_n, 1e-5)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_append_small_sizes_fused(interleaved):
+    L, R = 64, 16
+    cache, bt, cs = _small_cache([12, 70], L + R)
+    before = cache.clone()
+    bids = torch.tensor([0, 1, 1], dtype=torch.int32)
+    pos = torch.tensor([11, 69, -1], dtype=torch.int32)
+    lat, kr = torch.randn(3, L).bfloat16(), torch.randn(3, R).bfloat16()
+    w = (torch.rand(L) + 0.5).bfloat16()
+    ang = torch.rand(3, R // 2) * 6
+    ops.mla_kvcache_append(cache, bt, bids, pos, lat, kr, norm_weight=w, cos=ang.cos(), sin=ang.sin(),
+                           rope_interleaved=interleaved)
+    xf = lat.float()
+    want_lat = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    k = kr.float()
+    if interleaved:
+        want_kr = _rope_complex_any(kr, ang.cos(), ang.sin())
+    else:
+        a, b = k[:, : R // 2], k[:, R // 2:]
+        want_kr = torch.cat([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], -1).bfloat16()
+    for t in range(2):
+        b_, p = int(bids[t]), int(pos[t])
+        got = cache[int(bt[b_, p // 64]), p % 64, 0]
+        torch.testing.assert_close(got[:L].float(), want_lat[t].float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(got[L:].float(), want_kr[t].float(), rtol=1e-2, atol=1e-2)
+        cache[int(bt[b_, p // 64]), p % 64, 0] = before[int(bt[b_, p // 64]), p % 64, 0]
+    assert torch.equal(cache.view(torch.int16), before.view(torch.int16)), "nothing else is written"
+
+
+def _rope_complex_any(x, cos, sin):
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
+
+
+def test_small_sizes_bad_inputs():
+    cache, bt, cs = _small_cache([10, 70], 80)
+    q = torch.randn(2, 1, 2, 80).bfloat16()
+    md, ns = ops.get_mla_metadata(cs, 2)
+    with pytest.raises(ValueError, match=r"argument 'q': head dim \(last\) must equal argument 'kv_cache''s last dim"):
+        ops.mla_decode_with_kvcache(torch.randn(2, 1, 2, 72).bfloat16(), cache, bt, cs, 64, md, ns, SCALE)
+    with pytest.raises(ValueError, match=r"argument 'head_dim_v' must be an int in \[1, 80\]"):
+        ops.mla_decode_with_kvcache(q, cache, bt, cs, 81, md, ns, SCALE)
+    bids, pos = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([10, 70], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"argument 'latent' must have shape \(2, 64\), got \(2, 60\)"):
+        ops.mla_kvcache_append(cache, bt, bids, pos, torch.randn(2, 60).bfloat16(), torch.randn(2, 16).bfloat16())
+    with pytest.raises(ValueError, match=r"argument 'norm_weight' must have shape \(64,\)"):
+        ops.mla_kvcache_append(cache, bt, bids, pos, torch.randn(2, 64).bfloat16(), torch.randn(2, 16).bfloat16(),
+                               norm_weight=torch.ones(512))
+    with pytest.raises(ValueError, match=r"argument 'cos' must have shape \(2, 8\)"):
+        ops.mla_kvcache_append(cache, bt, bids, pos, torch.randn(2, 64).bfloat16(), torch.randn(2, 16).bfloat16(),
+                               cos=torch.ones(2, 32), sin=torch.ones(2, 32))
+    with pytest.raises(ValueError, match=r"RoPE \(cos/sin given\) needs an even width"):
+        ops.mla_kvcache_append(cache[..., :79].contiguous(), bt, bids, pos, torch.randn(2, 64).bfloat16(),
+                               torch.randn(2, 15).bfloat16(), cos=torch.ones(2, 7), sin=torch.ones(2, 7))
+    # the FP8 cache is the 576-value layout only
+    fp8 = ops.mla_fp8_kvcache_empty(4)
+    with pytest.raises(ValueError, match=r"argument 'q': head dim \(last\) must be 576 .* with an FP8 cache"):
+        ops.mla_decode_with_kvcache(q, fp8, bt[:, :1], torch.tensor([1, 1], dtype=torch.int32), 64, md, ns, SCALE)
+    with pytest.raises(ValueError, match=r"argument 'latent' must have shape \(2, 512\)"):
+        ops.mla_kvcache_append(fp8, bt[:, :1].clamp(max=3), bids, torch.tensor([1, 2], dtype=torch.int32),
+                               torch.randn(2, 64).bfloat16(), torch.randn(2, 64).bfloat16())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,R,H", [(64, 16, 4), (33, 6, 5)])
+def test_cuda_tensors_of_other_sizes_take_the_reference(L, R, H):
+    """On CUDA, sizes other than the kernel's (576/512) run the reference, with the same results as on CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    seqlens = [0, 5, 130]
+    cache, bt, cs = _small_cache(seqlens, L + R)
+    q = torch.randn(3, 2, H, L + R).bfloat16()
+    bids, pos = torch.tensor([1, 2], dtype=torch.int32), torch.tensor([4, 129], dtype=torch.int32)
+    lat, kr = torch.randn(2, L).bfloat16(), torch.randn(2, R).bfloat16()
+    res = []
+    for dev in ("cpu", "cuda"):
+        c = cache.to(dev)
+        ops.mla_kvcache_append(c, bt.to(dev), bids.to(dev), pos.to(dev), lat.to(dev), kr.to(dev))
+        md, ns = ops.get_mla_metadata(cs.to(dev), 2 * H)
+        o, l_ = ops.mla_decode_with_kvcache(q.to(dev), c, bt.to(dev), cs.to(dev), L, md, ns, 0.3, True)
+        res.append((c.cpu(), o.cpu(), l_.cpu()))
+    assert torch.equal(res[0][0].view(torch.int16), res[1][0].view(torch.int16))
+    o_cpu, o_gpu = res[0][1].double(), res[1][1].double()
+    assert ((o_gpu - o_cpu).abs() <= 1e-5 + 2**-7 * o_cpu.abs()).all() and lse_close(res[0][2], res[1][2], 1e-5)
+
+
 # ----------------------------------------------------------------------------- schedule
 def _check_schedule(seqlens, md, ns, P):
     B = len(seqlens)
@@ -261,9 +405,11 @@ def _good(B=2, s_q=1, H=2):
     (lambda a: a.update(q=a["q"][..., :512].contiguous()), ValueError, "argument 'q': head dim"),
     (lambda a: a.update(q=a["q"].float()), TypeError, "argument 'q' must have dtype bfloat16"),
     (lambda a: a.update(q=a["q"][0]), ValueError, "argument 'q' must have 4 dims"),
-    (lambda a: a.update(head_dim_v=128), ValueError, "argument 'head_dim_v' must be 512"),
+    (lambda a: a.update(head_dim_v=577), ValueError, "argument 'head_dim_v' must be an int in [1, 576]"),
+    (lambda a: a.update(head_dim_v=0), ValueError, "argument 'head_dim_v' must be an int in [1, 576]"),
     (lambda a: a.update(kv_cache=a["kv_cache"].view(-1, 32, 1, 576)), ValueError, "block size (dim 1) must be 64"),
-    (lambda a: a.update(kv_cache=a["kv_cache"][..., :512]), ValueError, "last dim must be 576"),
+    (lambda a: a.update(kv_cache=a["kv_cache"][..., :512].contiguous()), ValueError,
+     "argument 'q': head dim (last) must equal argument 'kv_cache''s last dim"),
     (lambda a: a.update(kv_cache=a["kv_cache"].half()), TypeError, "argument 'kv_cache' must have dtype"),
     (lambda a: a.update(kv_cache=a["kv_cache"].expand(-1, -1, 2, -1)), ValueError, "number of KV heads"),
     (lambda a: a.update(block_table=a["block_table"].long()), TypeError, "argument 'block_table' must have dtype int32"),

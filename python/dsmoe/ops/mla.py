@@ -5,6 +5,11 @@ CUDA tensors, no host sync) and every layer reuses it in ``mla_decode_with_kvcac
 dsmoe's sm_90a kernels; CPU tensors run ``dsmoe.ref.mla`` (which is the specification: formulas,
 cache layouts and the metadata format are documented there and in docs/mla.md).
 
+Sizes: the kernels are built for V3's latent cache (``kv_lora_rank`` 512 + rope 64 = 576 values per
+token). The bf16 cache takes any ``kv_lora_rank`` / rope width / head count: other sizes run the
+reference on every device (on CUDA tensors too, with a host sync per call), so small models can use the
+same decode path. The FP8 (656-byte) cache exists for the 576-value layout only.
+
 Out-of-range ids inside ``block_table`` and ``cache_seqlens`` larger than the table cannot be checked
 on a CUDA tensor without a host sync. CPU tensors are always checked; set ``DSMOE_CHECK_BLOCK_TABLE=1``
 to check CUDA tensors too (one sync per call: a debug switch, not for CUDA-graph capture). Without it
@@ -63,6 +68,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _kernel_sizes(d_qk: int, d_v: int) -> bool:
+    """Whether the sm_90a kernels take these sizes (V3's: 576 = 512 latent + 64 rope, V = the 512 latent)."""
+    return d_qk == _DQK and d_v == _DV
+
+
 def _kv_kind(op: str, kv_cache: torch.Tensor) -> bool:
     """Validates the cache; returns True for the FP8 (656-byte) layout."""
     C.check_tensor(op, "kv_cache", kv_cache, dtypes=(_BF16, _FP8, torch.uint8), ndim=4)
@@ -72,10 +82,9 @@ def _kv_kind(op: str, kv_cache: torch.Tensor) -> bool:
     if hk != 1:
         raise ValueError(f"dsmoe.{op}: argument 'kv_cache': number of KV heads (dim 2) must be 1, got shape {tuple(kv_cache.shape)}")
     fp8 = kv_cache.dtype != _BF16
-    want = _FP8_BYTES if fp8 else _DQK
-    if d != want:
-        raise ValueError(f"dsmoe.{op}: argument 'kv_cache': last dim must be {want} for a "
-                         f"{'FP8 (656-byte)' if fp8 else 'bf16'} cache, got shape {tuple(kv_cache.shape)}")
+    if fp8 and d != _FP8_BYTES:
+        raise ValueError(f"dsmoe.{op}: argument 'kv_cache': last dim must be {_FP8_BYTES} for an FP8 (656-byte) "
+                         f"cache, got shape {tuple(kv_cache.shape)}")
     if kv_cache.stride(3) != 1 or kv_cache.stride(2) != d or kv_cache.stride(1) != d:
         raise ValueError(f"dsmoe.{op}: argument 'kv_cache': each 64-token page must be contiguous, got strides {kv_cache.stride()}")
     if (kv_cache.stride(0) * kv_cache.element_size()) % 16:
@@ -155,9 +164,9 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, 
             tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor, head_dim_v: int,
             softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     op = "mla_decode_with_kvcache"
-    B, s_q, H, _ = q.shape
+    B, s_q, H, d_qk = q.shape
     fp8 = kv_cache.dtype != _BF16
-    kernel = _native.use_kernel("mla", q)
+    kernel = _native.use_kernel("mla", q) and _kernel_sizes(d_qk, head_dim_v)
     if not kernel or _check_enabled():
         _check_table_values(op, block_table, cache_seqlens, kv_cache.shape[0], s_q)
     if not kernel:
@@ -201,14 +210,16 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
                             cache_seqlens: torch.Tensor, head_dim_v: int, tile_scheduler_metadata: torch.Tensor,
                             num_splits: torch.Tensor, softmax_scale: float, causal: bool = False, *,
                             kv_scales: Optional[torch.Tensor] = None):
-    """MLA decode (absorbed form, MQA with d_qk 576, d_v 512) over a paged cache.
+    """MLA decode (absorbed form, MQA with d_qk 576, d_v 512 for V3) over a paged cache.
 
-    q ``[B, s_q, H, 576]`` bf16 (last dim contiguous, other strides multiples of 8 elements);
-    kv_cache ``[num_blocks, 64, 1, 576]`` bf16, or the FP8 layout ``[num_blocks, 64, 1, 656]``
-    (float8_e4m3fn or uint8 bytes, scales inline; see ``dsmoe.ref.mla``); block_table int32
-    ``[B, max_blocks]``; cache_seqlens int32 ``[B]``; head_dim_v must be 512; metadata from
+    q ``[B, s_q, H, d_qk]`` bf16 (last dim contiguous; with V3's sizes, other strides multiples of 8
+    elements); kv_cache ``[num_blocks, 64, 1, d_qk]`` bf16, or the FP8 layout ``[num_blocks, 64, 1, 656]``
+    (d_qk 576; float8_e4m3fn or uint8 bytes, scales inline; see ``dsmoe.ref.mla``); block_table int32
+    ``[B, max_blocks]``; cache_seqlens int32 ``[B]``; head_dim_v (the latent width, V = the first
+    head_dim_v cache values) in ``[1, d_qk]``, 512 for the FP8 cache. The sm_90a kernel runs d_qk 576 /
+    head_dim_v 512 on CUDA tensors; other sizes run the reference (any device); metadata from
     ``get_mla_metadata`` for these cache_seqlens and ``s_q * H``; softmax_scale is required (V3: 0.135234).
-    Returns ``(out [B, s_q, H, 512] bf16, lse fp32 [B, H, s_q])`` (natural log). ``causal`` masks among
+    Returns ``(out [B, s_q, H, head_dim_v] bf16, lse fp32 [B, H, s_q])`` (natural log). ``causal`` masks among
     the s_q new tokens (query i sees positions ``< seqlen - s_q + i + 1``); a query that sees nothing
     gives out = 0, lse = +inf. ``kv_scales`` exists for signature compatibility and must be None: the
     FP8 layout carries its scales inline."""
@@ -220,14 +231,22 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     C.check_tensor(op, "tile_scheduler_metadata", tile_scheduler_metadata, dtypes=(torch.int32,), ndim=2)
     C.check_tensor(op, "num_splits", num_splits, dtypes=(torch.int32,), ndim=1)
     B, s_q, H, d = q.shape
-    if d != _DQK:
-        raise ValueError(f"dsmoe.{op}: argument 'q': head dim (last) must be {_DQK} (512 latent + 64 rope), got shape {tuple(q.shape)}")
-    if not _is_int(head_dim_v) or head_dim_v != _DV:
-        raise ValueError(f"dsmoe.{op}: argument 'head_dim_v' must be {_DV}, got {head_dim_v!r}")
+    if fp8 and d != _DQK:
+        raise ValueError(f"dsmoe.{op}: argument 'q': head dim (last) must be {_DQK} (512 latent + 64 rope) with an "
+                         f"FP8 cache, got shape {tuple(q.shape)}")
+    if not fp8 and d != kv_cache.shape[-1]:
+        raise ValueError(f"dsmoe.{op}: argument 'q': head dim (last) must equal argument 'kv_cache''s last dim "
+                         f"(kv_lora_rank + rope), got q {tuple(q.shape)} and kv_cache {tuple(kv_cache.shape)}")
+    if fp8 and head_dim_v != _DV:
+        raise ValueError(f"dsmoe.{op}: argument 'head_dim_v' must be {_DV} with an FP8 cache, got {head_dim_v!r}")
+    if not _is_int(head_dim_v) or not 1 <= head_dim_v <= d:
+        raise ValueError(f"dsmoe.{op}: argument 'head_dim_v' must be an int in [1, {d}] (the latent width; "
+                         f"{d} = q's head dim), got {head_dim_v!r}")
     if s_q < 1 or H < 1:
         raise ValueError(f"dsmoe.{op}: argument 'q': s_q and H must be >= 1, got shape {tuple(q.shape)}")
     C.check_last_dim_contiguous(op, "q", q)
-    if any(s % 8 for s in q.stride()[:3]):
+    # the kernel's vector loads need 16-byte aligned rows; checked on CPU too so a CPU run catches it
+    if _kernel_sizes(d, head_dim_v) and any(s % 8 for s in q.stride()[:3]):
         raise ValueError(f"dsmoe.{op}: argument 'q': strides must be multiples of 8 elements (16 bytes), got {q.stride()}")
     if block_table.shape[0] != B:
         raise ValueError(f"dsmoe.{op}: argument 'block_table' must have shape ({B}, max_blocks) (B from q), got {tuple(block_table.shape)}")
@@ -259,7 +278,7 @@ def _append(kv_cache: torch.Tensor, block_table: torch.Tensor, batch_ids: torch.
             latent: torch.Tensor, k_rope: torch.Tensor, norm_weight: Optional[torch.Tensor], cos: Optional[torch.Tensor],
             sin: Optional[torch.Tensor], eps: float, rope_interleaved: bool, scale_ue8m0: bool) -> None:
     op = "mla_kvcache_append"
-    kernel = _native.use_kernel("mla", kv_cache)
+    kernel = _native.use_kernel("mla", kv_cache) and latent.shape[1] == _DV and k_rope.shape[1] == ref.MLA_D_ROPE
     if not kernel or _check_enabled():
         _check_append_values(op, kv_cache, block_table, batch_ids, positions)
     if not kernel:
@@ -326,18 +345,20 @@ def mla_kvcache_append(kv_cache: torch.Tensor, block_table: torch.Tensor, batch_
                        cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
                        rope_interleaved: bool = True, scale_ue8m0: bool = False) -> None:
     """Writes T new tokens into the paged cache (bf16 or FP8 layout), in place; optionally fused with the
-    latent RMSNorm (``norm_weight [512]``, ``eps``) and the RoPE of k_rope (``cos, sin`` fp32 ``[T, 32]``).
+    latent RMSNorm (``norm_weight [kv_lora]``, ``eps``) and the RoPE of k_rope (``cos, sin`` fp32
+    ``[T, rope / 2]``).
 
     batch_ids, positions int32 ``[T]`` (token t -> sequence batch_ids[t], position positions[t]; a
-    negative position skips the token); latent ``[T, 512]`` and k_rope ``[T, 64]`` bf16 (e.g. views of
-    kv_a_proj_with_mqa's output). Exact semantics: ``dsmoe.ref.mla.mla_kvcache_append``. Decoding
+    negative position skips the token); latent ``[T, kv_lora]`` and k_rope ``[T, rope]`` bf16 (e.g. views
+    of kv_a_proj_with_mqa's output) with ``kv_lora + rope`` = the cache's last dim (V3: 512 + 64; the
+    FP8 cache takes only those; the kernel runs them on CUDA, other sizes run the reference). Exact semantics: ``dsmoe.ref.mla.mla_kvcache_append``. Decoding
     ``s_q`` new tokens per sequence: ``positions = cache_seqlens_after - s_q + i``.
 
     Each cache slot may be written by at most one token per call: on CPU (always) and on CUDA under
     ``DSMOE_CHECK_BLOCK_TABLE=1`` a repeated slot raises ValueError; unchecked on CUDA, which of the
     writes lands is unspecified."""
     op = "mla_kvcache_append"
-    _kv_kind(op, kv_cache)
+    fp8 = _kv_kind(op, kv_cache)
     C.check_tensor(op, "block_table", block_table, dtypes=(torch.int32,), ndim=2)
     C.check_last_dim_contiguous(op, "block_table", block_table)
     C.check_tensor(op, "batch_ids", batch_ids, dtypes=(torch.int32,), ndim=1)
@@ -345,8 +366,14 @@ def mla_kvcache_append(kv_cache: torch.Tensor, block_table: torch.Tensor, batch_
     C.check_tensor(op, "latent", latent, dtypes=(_BF16,), ndim=2)
     C.check_tensor(op, "k_rope", k_rope, dtypes=(_BF16,), ndim=2)
     T = latent.shape[0]
-    C.check_shape(op, "latent", latent, (T, _DV))
-    C.check_shape(op, "k_rope", k_rope, (T, ref.MLA_D_ROPE))
+    # the rope width is k_rope's; the latent must fill the rest of a cache row
+    R = ref.MLA_D_ROPE if fp8 else k_rope.shape[1]
+    L = _DV if fp8 else kv_cache.shape[-1] - R
+    if L < 1:
+        raise ValueError(f"dsmoe.{op}: argument 'k_rope': width {R} leaves no latent values in the cache's "
+                         f"rows of {kv_cache.shape[-1]}, got shape {tuple(k_rope.shape)}")
+    C.check_shape(op, "latent", latent, (T, L))
+    C.check_shape(op, "k_rope", k_rope, (T, R))
     C.check_shape(op, "batch_ids", batch_ids, (T,))
     C.check_shape(op, "positions", positions, (T,))
     for n, t in (("latent", latent), ("k_rope", k_rope)):
@@ -357,7 +384,7 @@ def mla_kvcache_append(kv_cache: torch.Tensor, block_table: torch.Tensor, batch_
              "latent": latent, "k_rope": k_rope}
     if norm_weight is not None:
         C.check_tensor(op, "norm_weight", norm_weight, dtypes=(_BF16, torch.float32), ndim=1)
-        C.check_shape(op, "norm_weight", norm_weight, (_DV,))
+        C.check_shape(op, "norm_weight", norm_weight, (L,))
         C.check_contiguous(op, "norm_weight", norm_weight)
         if norm_weight.dtype != _BF16:
             norm_weight = norm_weight.to(_BF16)
@@ -365,9 +392,12 @@ def mla_kvcache_append(kv_cache: torch.Tensor, block_table: torch.Tensor, batch_
     if (cos is None) != (sin is None):
         raise ValueError(f"dsmoe.{op}: arguments 'cos' and 'sin' must be given together")
     if cos is not None:
+        if R % 2:
+            raise ValueError(f"dsmoe.{op}: argument 'k_rope': RoPE (cos/sin given) needs an even width, got "
+                             f"shape {tuple(k_rope.shape)}")
         for n, t in (("cos", cos), ("sin", sin)):
             C.check_tensor(op, n, t, dtypes=(torch.float32,), ndim=2)
-            C.check_shape(op, n, t, (T, ref.MLA_D_ROPE // 2))
+            C.check_shape(op, n, t, (T, R // 2))
             C.check_last_dim_contiguous(op, n, t)
             named[n] = t
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:

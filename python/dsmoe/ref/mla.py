@@ -23,6 +23,11 @@ Absorbed form (what the kernel computes): ``q_abs = W_UK[h]^T @ q_nope`` (512) s
 i.e. multi-query attention with d_qk = 576, d_v = 512 and V = K[:, :512]. ``lse = ln sum_t exp(s[t])``
 (natural log of the scaled scores).
 
+Other sizes: everything in this module except the FP8 cache layout takes any ``kv_lora_rank`` (the
+latent width, ``head_dim_v``), any even rope width and any head count; the cache then holds
+``kv_lora_rank + rope`` values per token and ``d_qk`` is that sum. The numbers above are V3's (and the
+kernel's). The FP8 layout below exists for the 576-value cache only.
+
 Cache layout and masking
 ------------------------
 ``kv_cache [num_blocks, 64, 1, 576]`` bf16, paged in blocks of 64 tokens: token ``t`` of sequence ``b`` is
@@ -210,7 +215,7 @@ def _is_fp8_cache(kv_cache: torch.Tensor) -> bool:
 
 # ----------------------------------------------------------------------------- decode
 def _gather_seq(kv: torch.Tensor, block_table: torch.Tensor, b: int, n: int) -> torch.Tensor:
-    """fp32 ``[n, 576]``: the first n cache tokens of sequence b (pages gathered, FP8 dequantized)."""
+    """fp32 ``[n, d_qk]``: the first n cache tokens of sequence b (pages gathered, FP8 dequantized)."""
     nblk = -(-n // MLA_BLOCK_SIZE)
     pages = kv[block_table[b, :nblk].long()]           # [nblk, 64, 1, D]
     if _is_fp8_cache(kv):
@@ -219,12 +224,12 @@ def _gather_seq(kv: torch.Tensor, block_table: torch.Tensor, b: int, n: int) -> 
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, dv: int, scale: float, limits: torch.Tensor):
-    """q fp32 ``[s_q, H, 576]``, k fp32 ``[n, 576]``; query i sees keys ``< limits[i]``.
+    """q fp32 ``[s_q, H, d_qk]``, k fp32 ``[n, d_qk]``; query i sees keys ``< limits[i]``.
 
     Returns un-normalized-free ``o [s_q, H, dv]`` and ``lse [H, s_q]`` (+inf where nothing is seen)."""
     n = k.shape[0]
     s = torch.einsum("qhd,nd->qhn", q, k) * scale
-    vis = torch.arange(n).view(1, 1, n) < limits.view(-1, 1, 1)
+    vis = torch.arange(n, device=k.device).view(1, 1, n) < limits.view(-1, 1, 1)
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, -1)                        # -inf where nothing is visible
     empty = torch.isneginf(lse)
@@ -240,7 +245,8 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
                             causal: bool = False):
     """Absorbed-form reference (fp32): ``(out [B, s_q, H, head_dim_v] q.dtype, lse fp32 [B, H, s_q])``.
 
-    ``kv_cache`` is bf16 ``[num_blocks, 64, 1, 576]`` or the 656-byte FP8 layout (dequantized first).
+    ``kv_cache`` is bf16 ``[num_blocks, 64, 1, d_qk]`` (any ``d_qk``, the last dim of q; V = the first
+    ``head_dim_v`` values) or the 656-byte FP8 layout (``d_qk`` 576, dequantized first).
     Masking and empty rows as in the module doc. ``tile_scheduler_metadata`` does not change the result
     (see :func:`mla_decode_split` for the split computation)."""
     B, s_q, H, _ = q.shape
@@ -251,7 +257,7 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         n = int(seqlens[b])
         if n <= 0:
             continue
-        k = _gather_seq(kv_cache, block_table, b, n)
+        k = _gather_seq(kv_cache, block_table, b, n).to(q.device)
         limits = _limits(n, s_q, causal, q.device)
         o, l_ = _attend(q[b].float(), k, head_dim_v, softmax_scale, limits)
         out[b], lse[b] = o, l_
@@ -320,12 +326,13 @@ def mla_decode_split(q, kv_cache, block_table, cache_seqlens, head_dim_v, tile_s
 
 # ----------------------------------------------------------------------------- un-absorbed form
 def _split_kv_b(w_kv_b: torch.Tensor, H: int, d_nope: int = 128, d_v: int = 128):
-    w = w_kv_b.float().view(H, d_nope + d_v, MLA_D_V)
-    return w[:, :d_nope], w[:, d_nope:]              # W_UK [H, 128, 512], W_UV [H, 128, 512]
+    w = w_kv_b.float().view(H, d_nope + d_v, w_kv_b.shape[-1])
+    return w[:, :d_nope], w[:, d_nope:]              # W_UK [H, d_nope, kv_lora], W_UV [H, d_v, kv_lora]
 
 
 def mla_absorb_q(q_nope: torch.Tensor, q_rope: torch.Tensor, w_kv_b: torch.Tensor) -> torch.Tensor:
-    """``[q_nope @ W_UK[h] | q_rope]`` per head: ``[..., H, 128] + [..., H, 64] -> [..., H, 576]`` (fp32)."""
+    """``[q_nope @ W_UK[h] | q_rope]`` per head: ``[..., H, d_nope] + [..., H, rope] -> [..., H, kv_lora + rope]``
+    (fp32; V3: 128 + 64 -> 576; ``kv_lora`` is the last dim of ``w_kv_b``)."""
     H, d_nope = q_nope.shape[-2], q_nope.shape[-1]
     w_uk, _ = _split_kv_b(w_kv_b, H, d_nope, w_kv_b.shape[0] // H - d_nope)
     q_abs = torch.einsum("...hn,hnc->...hc", q_nope.float(), w_uk)
@@ -333,7 +340,7 @@ def mla_absorb_q(q_nope: torch.Tensor, q_rope: torch.Tensor, w_kv_b: torch.Tenso
 
 
 def mla_unabsorb_out(o: torch.Tensor, w_kv_b: torch.Tensor, d_nope: int = 128) -> torch.Tensor:
-    """Per head ``W_UV[h] @ o``: ``[..., H, 512] -> [..., H, d_v]`` (fp32)."""
+    """Per head ``W_UV[h] @ o``: ``[..., H, kv_lora] -> [..., H, d_v]`` (fp32)."""
     H = o.shape[-2]
     _, w_uv = _split_kv_b(w_kv_b, H, d_nope, w_kv_b.shape[0] // H - d_nope)
     return torch.einsum("...hc,hvc->...hv", o.float(), w_uv)
@@ -343,24 +350,26 @@ def mla_decode_unabsorbed(q_nope, q_rope, kv_cache, block_table, cache_seqlens, 
                           causal=False):
     """Naive MLA decode from the un-absorbed weights (fp32): per head, k/v expanded from the latent.
 
-    q_nope ``[B, s_q, H, 128]``, q_rope ``[B, s_q, H, 64]``, w_kv_b ``[H * (128 + d_v), 512]``.
-    Returns ``(out fp32 [B, s_q, H, d_v], lse fp32 [B, H, s_q])``."""
+    q_nope ``[B, s_q, H, d_nope]``, q_rope ``[B, s_q, H, rope]``, w_kv_b ``[H * (d_nope + d_v), kv_lora]``
+    (V3: 128, 64, 128, 512). Returns ``(out fp32 [B, s_q, H, d_v], lse fp32 [B, H, s_q])``."""
     B, s_q, H, d_nope = q_nope.shape
     d_v = w_kv_b.shape[0] // H - d_nope
+    L = w_kv_b.shape[-1]
     w_uk, w_uv = _split_kv_b(w_kv_b, H, d_nope, d_v)
-    out = torch.zeros(B, s_q, H, d_v)
-    lse = torch.full((B, H, s_q), float("inf"))
+    dev = q_nope.device
+    out = torch.zeros(B, s_q, H, d_v, device=dev)
+    lse = torch.full((B, H, s_q), float("inf"), device=dev)
     seqlens = cache_seqlens.tolist()
     for b in range(B):
         n = int(seqlens[b])
         if n <= 0:
             continue
-        c = _gather_seq(kv_cache, block_table, b, n)             # [n, 576]
-        k_nope = torch.einsum("hdc,nc->hnd", w_uk, c[:, :512])   # [H, n, 128]
-        v = torch.einsum("hdc,nc->hnd", w_uv, c[:, :512])        # [H, n, d_v]
+        c = _gather_seq(kv_cache, block_table, b, n).to(dev)    # [n, kv_lora + rope]
+        k_nope = torch.einsum("hdc,nc->hnd", w_uk, c[:, :L])     # [H, n, d_nope]
+        v = torch.einsum("hdc,nc->hnd", w_uv, c[:, :L])          # [H, n, d_v]
         s = (torch.einsum("qhd,hnd->qhn", q_nope[b].float(), k_nope)
-             + torch.einsum("qhr,nr->qhn", q_rope[b].float(), c[:, 512:])) * softmax_scale
-        vis = torch.arange(n).view(1, 1, n) < _limits(n, s_q, causal, "cpu").view(-1, 1, 1)
+             + torch.einsum("qhr,nr->qhn", q_rope[b].float(), c[:, L:])) * softmax_scale
+        vis = torch.arange(n, device=dev).view(1, 1, n) < _limits(n, s_q, causal, dev).view(-1, 1, 1)
         s = s.masked_fill(~vis, float("-inf"))
         l_ = torch.logsumexp(s, -1)
         empty = torch.isneginf(l_)
@@ -379,17 +388,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
-    """Rotates ``x [T, 64]`` by angles with ``cos, sin [T, 32]`` (fp32); result in x's dtype.
+    """Rotates ``x [T, r]`` (r even; V3: 64) by angles with ``cos, sin [T, r/2]`` (fp32); result in x's dtype.
 
     interleaved=True: pairs ``(x[2i], x[2i+1])`` (DeepSeek's official code), written back in place order.
-    interleaved=False: pairs ``(x[i], x[i + 32])`` (rotate_half / NeoX; HF after its de-interleave)."""
+    interleaved=False: pairs ``(x[i], x[i + r/2])`` (rotate_half / NeoX; HF after its de-interleave)."""
     xf = x.float()
     c, s = cos.float(), sin.float()
+    h = x.shape[-1] // 2
     if interleaved:
         a, b = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
     else:
-        a, b = xf[..., :32], xf[..., 32:]
+        a, b = xf[..., :h], xf[..., h:]
         out = torch.cat([a * c - b * s, a * s + b * c], -1)
     return out.to(x.dtype)
 
@@ -404,18 +414,18 @@ def mla_kvcache_append(kv_cache: torch.Tensor, block_table: torch.Tensor, batch_
     Token ``t`` goes to sequence ``batch_ids[t]`` at position ``positions[t]``, i.e. slot
     ``kv_cache[block_table[batch_ids[t], positions[t] // 64], positions[t] % 64, 0]``. Stored value::
 
-        c = [rms_norm(latent[t], norm_weight, eps) if norm_weight is given else latent[t]    (512, bf16)
-             | apply_rope(k_rope[t], cos[t], sin[t]) if cos/sin are given else k_rope[t]]     (64, bf16)
+        c = [rms_norm(latent[t], norm_weight, eps) if norm_weight is given else latent[t]    (kv_lora, bf16)
+             | apply_rope(k_rope[t], cos[t], sin[t]) if cos/sin are given else k_rope[t]]     (rope, bf16)
 
-    For an FP8 cache the bf16 ``c`` is quantized to the 656-byte layout (per 128 values). Tokens with a
-    negative position are skipped (padding)."""
+    (V3: 512 + 64.) For an FP8 cache (576 values only) the bf16 ``c`` is quantized to the 656-byte layout
+    (per 128 values). Tokens with a negative position are skipped (padding)."""
     lat = latent.to(torch.bfloat16)
     if norm_weight is not None:
         lat = rms_norm(latent.to(torch.bfloat16), norm_weight.to(torch.bfloat16), eps)
     kr = k_rope.to(torch.bfloat16)
     if cos is not None:
         kr = apply_rope(kr, cos, sin, rope_interleaved)
-    c = torch.cat([lat, kr], -1)                                  # [T, 576] bf16
+    c = torch.cat([lat, kr], -1)                                  # [T, kv_lora + rope] bf16
     keep = positions >= 0
     pos = positions[keep].long()
     bids = batch_ids[keep].long()
