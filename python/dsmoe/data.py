@@ -42,7 +42,7 @@ class PermutedCopyTask:
 
     @property
     def seq_len(self) -> int:
-        """Tokens per sequence (inputs are one shorter)."""
+        """Tokens per sequence."""
         return 2 * self.length + 3
 
     @property
@@ -62,9 +62,10 @@ class PermutedCopyTask:
         return torch.cat([col(BOS), a + _FIRST, col(SEP), b + _FIRST, col(EOS)], 1)
 
     def batch(self, batch: int, generator: torch.Generator | None = None):
-        """``(input_ids [B, seq_len - 1], labels [B, seq_len - 1])``: labels are the next tokens."""
+        """``(input_ids [B, seq_len], labels [B, seq_len])`` with ``labels`` equal to ``input_ids`` (the Hugging
+        Face convention: the model shifts, position t is scored against labels[:, t + 1])."""
         s = self.sample(batch, generator)
-        return s[:, :-1], s[:, 1:]
+        return s, s.clone()
 
     def prompt_len(self) -> int:
         return self.length + 2

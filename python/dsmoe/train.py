@@ -103,8 +103,7 @@ def train(preset: str = "tiny", *, fp8: bool = True, steps: int | None = None, d
 def evaluate(model, task, n: int = 128, seed: int = 12345):
     dev = model.lm_head.weight.device
     seqs = task.sample(n, torch.Generator().manual_seed(seed)).to(dev)
-    x, y = seqs[:, :-1], seqs[:, 1:]
-    out = model(x, labels=y)
+    out = model(seqs, labels=seqs)          # labels unshifted: the model shifts (HF convention)
     gen = model.generate(seqs[:, : task.prompt_len()], task.length, use_cache=False)
     acc, exact = task.accuracy(gen.cpu(), seqs.cpu())
     return {"eval_lm_loss": out.lm_loss.item(), "eval_mtp_loss": out.mtp_loss.item() if out.mtp_loss is not None else None,

@@ -7,6 +7,7 @@ plus the MTP modules' shared embedding/head copies.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ __all__ = ["DecoderLayer", "MTPModule", "DeepseekV3Model", "DeepseekV3ForCausalL
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor
-    mtp_logits: list | None = None        # D tensors [B, T - k, V], k = 1..D
+    mtp_logits: list | None = None        # D tensors [B, T - k, V], k = 1..D; position i predicts token i + k + 1
     loss: torch.Tensor | None = None      # main CE + lambda/D * sum MTP CE + balance losses
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
@@ -57,8 +58,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+    def forward(self, h, cos, sin, attention_mask=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attention_mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def decode(self, h, cos, sin, cache, positions):
@@ -84,9 +85,9 @@ class MTPModule(DecoderLayer):
         self.eh_proj = FP8Linear(2 * cfg.hidden_size, cfg.hidden_size, fp8=fp8, dtype=dtype)
         self.shared_head = _SharedHead(cfg)
 
-    def mtp_forward(self, h_prev, emb_next, cos, sin):
+    def mtp_forward(self, h_prev, emb_next, cos, sin, attention_mask=None):
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], -1))
-        return DecoderLayer.forward(self, h, cos, sin)
+        return DecoderLayer.forward(self, h, cos, sin, attention_mask)
 
 
 class DeepseekV3Model(nn.Module):
@@ -106,8 +107,10 @@ class DeepseekV3Model(nn.Module):
 
 class DeepseekV3ForCausalLM(nn.Module):
     """DeepSeek-V3 causal LM. ``model(input_ids)`` returns a :class:`CausalLMOutput` with ``.logits [B, T, V]``;
-    ``return_mtp=True`` adds the MTP logits; ``labels`` (next-token targets aligned with input_ids, i.e.
-    ``labels[:, t]`` is the token after position t; -100 ignored) adds the losses."""
+    ``return_mtp=True`` adds the MTP logits; ``labels`` adds the losses. Labels follow the Hugging Face
+    convention: the shape of input_ids, shifted inside (position t is scored against ``labels[:, t + 1]``,
+    the depth-k MTP module at position t against ``labels[:, t + 1 + k]``), -100 ignored; so
+    ``labels=input_ids`` trains next-token prediction."""
 
     def __init__(self, cfg: DeepseekV3Config, *, fp8: bool | None = None, dtype=None):
         super().__init__()
@@ -157,20 +160,54 @@ class DeepseekV3ForCausalLM(nn.Module):
                 raise ValueError(f"DeepseekV3ForCausalLM.{where}: argument '{arg}': token ids must be in "
                                  f"[0, vocab_size={self.config.vocab_size}), got range [{lo}, {hi}]")
 
+    def _check_mask(self, where: str, mask, ids, *, left_padded: bool, nonempty: bool = False) -> torch.Tensor | None:
+        """``attention_mask``: None or a bool/integer tensor of ids' shape holding 0/1 (1 = a real token);
+        returned as bool. ``left_padded``: every row is zeros then ones (the cached decode path and
+        generation need the real tokens at the right end); ``nonempty``: and at least one 1. Values are
+        checked as for ids."""
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex() \
+                or tuple(mask.shape) != tuple(ids.shape):
+            got = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"DeepseekV3ForCausalLM.{where}: argument 'attention_mask' must be a bool or integer tensor "
+                             f"of the shape of the ids {tuple(ids.shape)} (1 = token, 0 = padding), got {got}")
+        if mask.numel() and mask.device.type == "cpu" and not torch.compiler.is_compiling():
+            if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"DeepseekV3ForCausalLM.{where}: argument 'attention_mask' must hold only 0 and 1, "
+                                 f"got values {torch.unique(mask).tolist()[:8]}")
+            m = mask.bool()
+            if left_padded:
+                bad = (m[:, :-1] & ~m[:, 1:]).any(1)
+                if bool(bad.any()):
+                    b = int(bad.nonzero()[0, 0])
+                    raise ValueError(f"DeepseekV3ForCausalLM.{where}: argument 'attention_mask' must be left-padded "
+                                     f"(each row: zeros, then ones), row {b} is {m[b].int().tolist()}")
+            if nonempty and not bool(m[:, -1].all()):
+                b = int((~m[:, -1]).nonzero()[0, 0])
+                raise ValueError(f"DeepseekV3ForCausalLM.{where}: argument 'attention_mask': row {b} has no tokens "
+                                 f"(nothing to continue)")
+        return mask.bool()
+
     def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None, return_mtp: bool = False,
-                positions: torch.Tensor | None = None) -> CausalLMOutput:
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """``attention_mask [B, T]`` (1 = token, 0 = padding) hides padded keys, as in transformers; the
+        positions stay ``0..T-1`` unless ``positions [B, T]`` is given (:meth:`generate` derives them
+        from the mask)."""
         cfg = self.config
         self._check_ids("forward", "input_ids", input_ids)
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"DeepseekV3ForCausalLM.forward: argument 'labels' must have the shape of input_ids "
-                             f"{tuple(input_ids.shape)} (next tokens, -100 = ignored), got {got}")
+                             f"{tuple(input_ids.shape)} (the model shifts them: position t predicts labels[:, t + 1]; "
+                             f"-100 = ignored), got {got}")
+        mask = self._check_mask("forward", attention_mask, input_ids, left_padded=False)
         B, T = input_ids.shape
         emb = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(T, input_ids.device, positions)
         h = emb
         for layer in self.main_layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask)
         logits = self.lm_head(self.model.norm(h))
         out = CausalLMOutput(logits=logits, hidden_states=h)
         want_mtp = (return_mtp or labels is not None) and len(self.mtp_layers) > 0
@@ -180,16 +217,22 @@ class DeepseekV3ForCausalLM(nn.Module):
             for k, mtp in enumerate(self.mtp_layers, start=1):
                 if T - k <= 0:
                     break
-                hk = mtp.mtp_forward(hk[:, :-1] if k > 1 else hk[:, : T - k], emb[:, k:], cos[:, : T - k], sin[:, : T - k])
+                hk = mtp.mtp_forward(hk[:, :-1] if k > 1 else hk[:, : T - k], emb[:, k:], cos[:, : T - k], sin[:, : T - k],
+                                     None if mask is None else mask[:, : T - k])
                 out.mtp_logits.append(self.lm_head(mtp.shared_head.norm(hk)))
         if labels is not None:
             V = cfg.vocab_size
-            out.lm_loss = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+            labels = labels.long()
+            # position t predicts labels[:, t + 1] (HF's shift); the last position has no target
+            out.lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1),
+                                          ignore_index=-100)
             loss = out.lm_loss
-            if out.mtp_logits:
-                # depth k at position i predicts token i + k + 1 = labels[:, i + k]
-                ces = [F.cross_entropy(ml.float().reshape(-1, V), labels[:, k:].reshape(-1), ignore_index=-100)
-                       for k, ml in enumerate(out.mtp_logits, start=1)]
+            # depth k at position i (its logits' row i) predicts token i + k + 1 = labels[:, i + k + 1]; a depth
+            # whose rows all lack a target (T <= k + 1) adds no term
+            ces = [F.cross_entropy(ml[:, : T - k - 1].float().reshape(-1, V), labels[:, k + 1:].reshape(-1),
+                                   ignore_index=-100)
+                   for k, ml in enumerate(out.mtp_logits or [], start=1) if T - k - 1 > 0]
+            if ces:
                 out.mtp_loss = torch.stack(ces).mean()
                 loss = loss + cfg.mtp_loss_weight * out.mtp_loss
             if self.training:
@@ -202,69 +245,168 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
     def supports_latent_cache(self) -> bool:
-        """True when the config has the sizes of the MLA decode ops (``kv_lora_rank`` 512,
-        ``qk_rope_head_dim`` 64: DeepSeek-V3's), which the cached decode path needs."""
-        return self.config.kv_lora_rank == 512 and self.config.qk_rope_head_dim == 64
+        """True: the MLA decode ops take any ``kv_lora_rank``/``qk_rope_head_dim``/head count (V3's 512/64
+        run the sm_90a kernel on a GPU, other sizes the reference), so every config has the cached path."""
+        return True
+
+    def _token_list(self, where: str, arg: str, v) -> list[int] | None:
+        if v is None:
+            return None
+        vals = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+        if isinstance(vals, torch.Tensor):
+            vals = vals.reshape(-1).tolist()
+        ok = isinstance(vals, (list, tuple)) and len(vals) > 0 and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.config.vocab_size for t in vals)
+        if not ok:
+            raise ValueError(f"DeepseekV3ForCausalLM.{where}: argument '{arg}' must be a token id (or a non-empty list "
+                             f"of them) in [0, vocab_size={self.config.vocab_size}), got {v!r}")
+        return list(vals)
+
+    def _warn_length(self, length: int) -> None:
+        mpe = self.config.max_position_embeddings
+        warnings.warn(f"DeepseekV3ForCausalLM.generate: the sequence length {length} exceeds the model's "
+                      f"max_position_embeddings ({mpe}); positions past it were not trained (RoPE/YaRN extrapolate), "
+                      f"expect degraded output", UserWarning, stacklevel=3)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, use_cache: bool | None = None) -> torch.Tensor:
-        """Greedy decoding of ``max_new_tokens`` tokens after ``input_ids [B, T]``; returns ``[B, T + max_new_tokens]``.
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+                 eos_token_id=None, pad_token_id: int | None = None, use_cache: bool | None = None) -> torch.Tensor:
+        """Greedy decoding of up to ``max_new_tokens`` tokens after ``input_ids [B, T]``; returns
+        ``[B, T + n]``, n <= max_new_tokens, in input_ids' dtype.
 
-        ``use_cache=True``: prefill then token-by-token decode over the MLA latent cache (needs
-        ``supports_latent_cache()``); ``False``: the full forward pass per new token; ``None`` (default):
-        the cache when the config supports it."""
+        ``attention_mask [B, T]`` (1 = token, 0 = padding) for left-padded batches: positions come from the
+        mask and padded keys are hidden, so each row gets the tokens it would get alone. ``eos_token_id``
+        (an id or a list of ids): a row that produced one is finished and continues with ``pad_token_id``
+        (default: the (first) eos id, as transformers does); generation stops early once every row has
+        finished. ``use_cache=True`` or ``None`` (default): prefill then token-by-token decode over the MLA
+        latent cache (bf16, the kernels' format); ``False``: the full forward pass (model dtype) per token.
+        An empty batch or an empty prompt (B = 0 or T = 0) returns ``input_ids`` unchanged (nothing to
+        continue). Runs in eval mode (no MoE load statistics or balance losses are recorded) and restores
+        every module's train/eval mode afterwards. Warns (``UserWarning``) once the length passes
+        ``max_position_embeddings``."""
         self._check_ids("generate", "input_ids", input_ids)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"DeepseekV3ForCausalLM.generate: argument 'max_new_tokens' must be an int >= 0, "
                              f"got {max_new_tokens!r}")
-        if use_cache is None:
-            use_cache = self.supports_latent_cache()
-        ids = input_ids
-        if max_new_tokens == 0:
-            return ids
-        if not use_cache:
-            for _ in range(max_new_tokens):
-                nxt = self(ids).logits[:, -1].argmax(-1, keepdim=True)
-                ids = torch.cat([ids, nxt], 1)
-            return ids
+        if use_cache is not None and not isinstance(use_cache, bool):
+            raise ValueError(f"DeepseekV3ForCausalLM.generate: argument 'use_cache' must be None or a bool, got {use_cache!r}")
+        mask = self._check_mask("generate", attention_mask, input_ids, left_padded=True, nonempty=True)
+        eos = self._token_list("generate", "eos_token_id", eos_token_id)
+        pad = self._token_list("generate", "pad_token_id", pad_token_id)
+        if pad is not None and len(pad) != 1:
+            raise ValueError(f"DeepseekV3ForCausalLM.generate: argument 'pad_token_id' must be one token id, got {pad_token_id!r}")
+        pad_id = pad[0] if pad is not None else (eos[0] if eos is not None else None)
+        B, T = input_ids.shape
+        if B == 0 or T == 0 or max_new_tokens == 0:
+            return input_ids.clone()
+        use_cache = True if use_cache is None else use_cache
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            return self._greedy(input_ids, max_new_tokens, mask, eos, pad_id, use_cache)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _greedy(self, ids, max_new_tokens, mask, eos, pad_id, use_cache):
         B, T = ids.shape
-        cache = self.new_cache(B, T + max_new_tokens)
-        logits = self.prefill_with_cache(ids, cache)
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], 1)
-            if ids.shape[1] == T + max_new_tokens:
+        dev = ids.device
+        mpe = self.config.max_position_embeddings
+        warned = T > mpe
+        if warned:
+            self._warn_length(T)
+        eos_t = torch.tensor(eos, device=dev) if eos is not None else None
+        unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+        m = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+        if use_cache:
+            cache = self.new_cache(B, T + max_new_tokens)
+            logits = self.prefill_with_cache(ids, cache, attention_mask=mask)[:, -1]
+        for step in range(max_new_tokens):
+            if not use_cache:
+                pos = None if mask is None else (m.long().cumsum(1) - 1).clamp(min=0)
+                logits = self(ids, attention_mask=None if mask is None else m, positions=pos).logits[:, -1]
+            nxt = logits.argmax(-1).to(ids.dtype)
+            if eos_t is not None:
+                nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_id))
+                unfinished = unfinished & ~torch.isin(nxt, eos_t)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            m = torch.cat([m, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
+            if not warned and ids.shape[1] > mpe:
+                warned = True
+                self._warn_length(ids.shape[1])
+            if step + 1 == max_new_tokens or (eos_t is not None and not bool(unfinished.any())):
                 break
-            logits = self.decode_step(nxt, cache)
+            if use_cache:
+                logits = self.decode_step(nxt[:, None], cache)[:, -1]
         return ids
 
     def new_cache(self, batch: int, max_len: int) -> MLAKVCache:
+        """An empty latent cache for ``batch`` sequences of up to ``max_len`` tokens (all layers; bf16)."""
         cfg = self.config
-        if not self.supports_latent_cache():
-            raise ValueError(f"DeepseekV3ForCausalLM: the latent-cache decode path (generate(use_cache=True), "
-                             f"new_cache, decode_step) needs kv_lora_rank=512 and qk_rope_head_dim=64 (the MLA "
-                             f"decode ops' sizes), this config has kv_lora_rank={cfg.kv_lora_rank} and "
-                             f"qk_rope_head_dim={cfg.qk_rope_head_dim}; use generate(use_cache=False)")
+        for name, v in (("batch", batch), ("max_len", max_len)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"DeepseekV3ForCausalLM.new_cache: argument '{name}' must be an int >= 0, got {v!r}")
         return MLAKVCache(cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                           device=self.lm_head.weight.device)
 
     @torch.no_grad()
-    def prefill_with_cache(self, input_ids, cache: MLAKVCache):
-        """Runs the prompt token by token? No: feeds the whole prompt through the decode path (s_q = T,
-        causal), which fills the cache; returns logits [B, T, V]."""
-        return self.decode_step(input_ids, cache)
+    def prefill_with_cache(self, input_ids, cache: MLAKVCache, *, attention_mask: torch.Tensor | None = None):
+        """Feeds the whole (left-padded) prompt through the decode path at once (s_q = T, causal), which
+        fills the cache; returns logits ``[B, T, V]`` (rows of padding slots are meaningless)."""
+        return self.decode_step(input_ids, cache, attention_mask=attention_mask)
 
     @torch.no_grad()
-    def decode_step(self, new_ids: torch.Tensor, cache: MLAKVCache) -> torch.Tensor:
+    def decode_step(self, new_ids: torch.Tensor, cache: MLAKVCache, *,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Appends ``new_ids [B, s]`` after what ``cache`` holds and returns their logits ``[B, s, V]``.
+
+        ``attention_mask [B, s]`` (left-padded: zeros then ones) marks padding slots, which take no cache
+        space. Raises before touching the cache when a row would pass ``cache.max_len``, or when the
+        cache does not fit this model or batch; a failure inside the layers leaves ``seqlens`` as it was."""
+        cfg = self.config
+        self._check_ids("decode_step", "new_ids", new_ids)
         B, s = new_ids.shape
+        dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        if not isinstance(cache, MLAKVCache) or len(cache.kv) != cfg.num_hidden_layers or \
+                (cache.kv and cache.kv[0].shape[-1] != dim):
+            got = (f"{len(cache.kv)} layers of {tuple(cache.kv[0].shape[-1:]) if cache.kv else ()} values"
+                   if isinstance(cache, MLAKVCache) else type(cache).__name__)
+            raise ValueError(f"DeepseekV3ForCausalLM.decode_step: argument 'cache' must be this model's new_cache(): "
+                             f"{cfg.num_hidden_layers} layers of {dim} values per token, got {got}")
+        if cache.seqlens.shape[0] != B:
+            raise ValueError(f"DeepseekV3ForCausalLM.decode_step: argument 'new_ids' has {B} rows, the cache holds "
+                             f"{cache.seqlens.shape[0]} sequences")
+        mask = self._check_mask("decode_step", attention_mask, new_ids, left_padded=True)
+        dev = new_ids.device
+        n_new = torch.full((B,), s, dtype=torch.int32, device=dev) if mask is None else mask.sum(1, dtype=torch.int32)
+        new_bound = cache.len_bound + s
+        if B and new_bound > cache.max_len:
+            # the host bound says the cache may be full: check exactly (one device sync)
+            after = cache.seqlens.long() + n_new.long()
+            if bool((after > cache.max_len).any()):
+                b = int(after.argmax())
+                raise ValueError(f"DeepseekV3ForCausalLM.decode_step: the cache is full: sequence {b} holds "
+                                 f"{int(cache.seqlens[b])} of max_len={cache.max_len} tokens and {int(n_new[b])} more "
+                                 f"were given (make the cache with new_cache(batch, max_len) large enough)")
+            new_bound = int(after.max())
         start = cache.seqlens.long()
-        positions = start.unsqueeze(1) + torch.arange(s, device=new_ids.device).unsqueeze(0)
-        cache.seqlens += s
-        cos, sin = self.model.rotary_emb(positions)
-        h = self.model.embed_tokens(new_ids)
-        for layer in self.main_layers:
-            h = layer.decode(h, cos, sin, cache, positions)
-        return self.lm_head(self.model.norm(h))
+        if mask is None:
+            positions = start.unsqueeze(1) + torch.arange(s, device=dev).unsqueeze(0)
+        else:
+            positions = torch.where(mask, start.unsqueeze(1) + mask.long().cumsum(1) - 1, -1)
+        cos, sin = self.model.rotary_emb(positions.clamp(min=0))
+        old = cache.seqlens.clone()
+        cache.seqlens += n_new
+        try:
+            h = self.model.embed_tokens(new_ids)
+            for layer in self.main_layers:
+                h = layer.decode(h, cos, sin, cache, positions)
+            logits = self.lm_head(self.model.norm(h))
+        except BaseException:
+            cache.seqlens.copy_(old)
+            raise
+        cache.len_bound = new_bound
+        return logits
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

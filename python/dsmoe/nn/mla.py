@@ -7,8 +7,9 @@ k_rope head, causal softmax attention with the YaRN-corrected ``softmax_scale``,
 All projections are :class:`FP8Linear`; the attention math stays in the activation dtype (fp32 softmax).
 
 Decode (:meth:`MLA.decode`): the absorbed form over the paged latent cache
-``[kv_a_layernorm(c) (512) | rope(k_rope) (64)]`` per token: ``q_abs = W_UK^T q_nope``, MQA over the cache
-with ``ops.mla_decode_with_kvcache`` (kernel on GPU, reference on CPU), head outputs ``W_UV o``, ``o_proj``.
+``[kv_a_layernorm(c) (kv_lora_rank) | rope(k_rope) (qk_rope_head_dim)]`` per token (V3: 512 + 64):
+``q_abs = W_UK^T q_nope``, MQA over the cache with ``ops.mla_decode_with_kvcache`` (the sm_90a kernel
+for V3's sizes on GPU, the reference otherwise), head outputs ``W_UV o``, ``o_proj``.
 The rope dims are stored in the same de-interleaved order as the prefill path rotates them.
 """
 from __future__ import annotations
@@ -27,7 +28,11 @@ __all__ = ["MLA", "MLAKVCache"]
 
 class MLAKVCache:
     """Paged latent cache for all layers: ``kv [layers][num_blocks, 64, 1, kv_lora + rope]`` bf16, one
-    contiguous run of blocks per sequence (``block_table [B, max_blocks]``) and ``seqlens int32 [B]``."""
+    contiguous run of blocks per sequence (``block_table [B, max_blocks]``), ``seqlens int32 [B]`` and the
+    capacity ``max_len`` tokens per sequence.
+
+    ``len_bound`` is a host-side upper bound of ``seqlens.max()`` kept by the writers, so that a capacity
+    check costs no device sync unless the bound says the cache may be full."""
 
     BLOCK = 64
 
@@ -37,6 +42,7 @@ class MLAKVCache:
         self.block_table = torch.arange(batch * nb, dtype=torch.int32, device=device).view(batch, nb)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.max_len = max_len
+        self.len_bound = 0
 
 
 class MLA(nn.Module):
@@ -71,8 +77,10 @@ class MLA(nn.Module):
         c, k_rope = kv[..., : self.kv_lora], kv[..., self.kv_lora:]
         return self.kv_a_layernorm(c), k_rope
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over ``x [B, T, H]``; cos/sin ``[B or 1, T, rope/2]``."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention over ``x [B, T, H]``; cos/sin ``[B or 1, T, rope/2]``; ``attention_mask``
+        (bool ``[B, T]``, False = padding) hides padded keys."""
         B, T, _ = x.shape
         q_nope, q_rope = self._q(x)
         c, k_rope = self._latent(x)
@@ -83,17 +91,27 @@ class MLA(nn.Module):
         k_nope, v = kv[..., : self.d_nope], kv[..., self.d_nope:]
         q = torch.cat([q_nope, q_rope], -1).transpose(1, 2)                     # [B, nh, T, qk]
         k = torch.cat([k_nope, k_rope.expand(B, T, self.nh, self.d_rope)], -1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        if attention_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            # a padded query still sees itself: its row stays finite (no all -inf softmax, no NaN in the
+            # residual stream) and it is never a key of a real token
+            allowed = causal & (attention_mask[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=x.device))
+            o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=allowed, scale=self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.d_v))
 
     # ------------------------------------------------------------------ decode over the latent cache
     @torch.no_grad()
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: MLAKVCache,
                positions: torch.Tensor) -> torch.Tensor:
-        """``x [B, s_q, H]`` new tokens at ``positions [B, s_q]`` (the cache holds positions before them).
+        """``x [B, s_q, H]`` new tokens at ``positions [B, s_q]`` (the cache holds positions before them; -1 =
+        a left-padding slot, not stored).
 
         Appends their latents to ``cache.kv[layer]`` then attends (causal among the new tokens) with the
-        absorbed weights. ``cache.seqlens`` must already count the new tokens."""
+        absorbed weights. ``cache.seqlens`` must already count the new (non-padding) tokens: with the
+        real tokens at the right end of the s_q slots, the op's causal rule (query i sees positions
+        ``< seqlen - s_q + i + 1``) is exactly each real token's own prefix."""
         B, s_q, _ = x.shape
         q_nope, q_rope = self._q(x)
         c, k_rope = self._latent(x)
