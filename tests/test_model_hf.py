@@ -231,3 +231,99 @@ def test_max_shard_size_strings_follow_transformers():
         assert _shard_bytes(s) == convert_file_size_to_int(s), s
     assert _shard_bytes("1.5GiB") == 3 * 2**29 and _shard_bytes("0.5GB") == 5 * 10**8
     assert _shard_bytes(12345) == 12345
+
+
+# ----------------------------------------------------------------------------- labels and generate vs transformers
+def _saved_pair(tmp_path, **over):
+    """A randomized dsmoe model (fp32, FP8 off), saved, and transformers' model loaded from that checkpoint."""
+    cfg = DeepseekV3Config(**{**BASE, **over})
+    model = DeepseekV3ForCausalLM(cfg, fp8=False).eval()
+    _randomize(model, negative_bias=False)
+    model.save_pretrained(tmp_path)
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    # transformers fills unset generation fields from the model's generation_config (its config's default
+    # eos_token_id=1 would stop rows at token 1); the tests pass every generation setting explicitly
+    hf.generation_config = transformers.GenerationConfig()
+    return model, hf
+
+
+@pytest.mark.parametrize("mtp", [0, 1])
+def test_loss_with_labels_equal_to_input_ids_matches_hf(mtp, tmp_path):
+    """labels=input_ids (the HF habit): same loss as transformers, -100 ignored the same way, and one
+    training step's gradients agree."""
+    model, hf = _saved_pair(tmp_path, num_nextn_predict_layers=mtp)
+    ids = torch.randint(0, BASE["vocab_size"], (3, 21))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[2, 7] = -100
+    for lab in (ids, labels):
+        with torch.no_grad():
+            ref = hf(ids, labels=lab).loss
+            ours = model(ids, labels=lab)
+        assert abs(ours.lm_loss.item() - ref.item()) <= 1e-5 * ref.item(), (ours.lm_loss.item(), ref.item())
+        if mtp == 0:
+            assert ours.loss.item() == ours.lm_loss.item()
+        else:
+            assert ours.mtp_loss is not None and ours.loss.item() != ours.lm_loss.item()
+    # one training step: the LM loss's gradients equal transformers' (FP8 off, fp32)
+    model.train()
+    hf.train()
+    model(ids, labels=ids).lm_loss.backward()
+    hf(ids, labels=ids).loss.backward()
+    sd_hf = dict(hf.named_parameters())
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.layers.0.self_attn.q_a_proj.weight",
+                 "model.layers.1.self_attn.kv_b_proj.weight", "model.layers.2.mlp.shared_experts.down_proj.weight"):
+        g_ours = dict(model.named_parameters())[name].grad
+        assert rel_err(g_ours, sd_hf[name].grad) < 1e-4, name
+
+
+def _hf_generate(hf, ids, mask, n, eos=None, pad=None):
+    gc = transformers.GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, eos_token_id=eos,
+                                       pad_token_id=pad if pad is not None else eos, use_cache=True)
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=mask, generation_config=gc)
+
+
+def _left_padded_batch(lengths, vocab, pad_id=0):
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = torch.randint(0, vocab, (n,))
+        mask[b, T - n:] = 1
+    return ids, mask
+
+
+def test_greedy_generate_matches_hf_left_padded_with_and_without_eos(tmp_path):
+    model, hf = _saved_pair(tmp_path)
+    ids, mask = _left_padded_batch([11, 6, 1, 9], BASE["vocab_size"])
+    n = 10
+    ref = _hf_generate(hf, ids, mask, n)
+    assert ref.shape == (4, 11 + n)
+    assert torch.equal(model.generate(ids, n, attention_mask=mask, use_cache=False), ref)
+    # the latent cache (bf16): every token must be transformers' greedy choice up to that bf16 error, and the
+    # whole output equals transformers' unless a near-tie (top two within the tolerance) was met
+    out_c = model.generate(ids, n, attention_mask=mask)
+    with torch.no_grad():
+        pos = (torch.cat([mask, torch.ones(4, n, dtype=torch.long)], 1).cumsum(1) - 1).clamp(min=0)
+        full_mask = torch.cat([mask, torch.ones(4, n, dtype=torch.long)], 1)
+        lg = hf(out_c, attention_mask=full_mask, position_ids=pos).logits
+    tol = 0.06 * lg.pow(2).mean().sqrt().item()          # 4x the decode path's rel_err bound (test_model.py)
+    near_tie = False
+    for t in range(11, 11 + n):
+        top2 = lg[:, t - 1].topk(2, -1).values
+        chosen = lg[:, t - 1].gather(1, out_c[:, t: t + 1]).squeeze(1)
+        assert (chosen >= top2[:, 0] - tol).all(), t
+        near_tie |= bool(((top2[:, 0] - top2[:, 1]) <= tol).any())
+    if not near_tie:
+        assert torch.equal(out_c, ref)
+    # with an EOS that row 0 emits mid-way (pad defaults to the EOS, as in transformers), and an explicit pad
+    eos = int(ref[0, 11 + 3])
+    k0 = int((ref[0, 11:] == eos).nonzero()[0])             # 3, or earlier if row 0 produced it before
+    for pad in (None, BASE["vocab_size"] - 1):
+        ref_e = _hf_generate(hf, ids, mask, n, eos=eos, pad=pad)
+        ours = model.generate(ids, n, attention_mask=mask, eos_token_id=eos, pad_token_id=pad, use_cache=False)
+        assert torch.equal(ours, ref_e), (ours, ref_e)
+        assert ref_e[0, 11 + k0] == eos and (ref_e[0, 11 + k0 + 1:] == (eos if pad is None else pad)).all()
+        if not near_tie:
+            assert torch.equal(model.generate(ids, n, attention_mask=mask, eos_token_id=eos, pad_token_id=pad), ref_e)
