@@ -61,6 +61,89 @@ def test_fp8_linear_grads_match_bf16_autograd(shape, K, N):
     assert rel_err(dw, ref_dw) < 1e-5
 
 
+def _deq_rows(x):
+    """deq(quant(x)) with 1x128 groups along the last dim (zero-padded to a multiple of 128), fp64."""
+    K = x.shape[-1]
+    q, sc = ops.per_token_group_quant_fp8(F.pad(x, (0, (-K) % 128)).contiguous())
+    return ops.per_token_group_dequant_fp8(q, sc, out_dtype=torch.float32).double()
+
+
+def _deq_block(w):
+    """deq(quant(W)) with 128x128 blocks (zero-padded), fp64 ``[Np, Kp]``."""
+    wp = F.pad(w, (0, (-w.shape[1]) % 128, 0, (-w.shape[0]) % 128))
+    q, sc = ops.per_block_quant_fp8(wp.contiguous())
+    return ops.per_block_dequant_fp8(q, sc, out_dtype=torch.float32).double()
+
+
+def _deq_tokens(x):
+    """deq(quant(x)) with 1x128 groups along the token dim (rows), returned transposed ``[K, M]``, fp64."""
+    q, sc = ops.per_token_group_quant_fp8_transposed(x.contiguous())
+    return (q.float().view(q.shape[0], -1, 128) * sc.contiguous().unsqueeze(-1)).view(q.shape[0], -1).double()
+
+
+@pytest.mark.parametrize("shape,K,N", [((3, 7), 256, 128), ((50,), 160, 200), ((2, 129), 128, 256), ((1,), 96, 72)])
+def test_fp8_linear_dgrad_is_the_fp8_product(shape, K, N):
+    """Dgrad ``dx = deq(quant(dy)) @ deq(Wq)``: dy quantized 1x128 along N, the forward's 128x128 weight
+    blocks reused (transposed) — the exact product, computed here in fp64."""
+    lin = FP8Linear(K, N)
+    x = torch.randn(*shape, K, requires_grad=True)
+    g = torch.randn(*shape, N)
+    (lin(x) * g).sum().backward()
+    M = x[..., 0].numel()
+    gd = _deq_rows(g.reshape(M, N))                              # [M, Np]
+    wd = _deq_block(lin.weight.detach())                         # [Np, Kp]
+    ref = (gd @ wd)[:, :K].reshape(*shape, K)
+    assert rel_err(x.grad, ref) < 1e-5, rel_err(x.grad, ref)
+
+
+def _grouped_layout(T, k, E, H, starve=()):
+    """A contiguous grouped-GEMM layout from random routing (experts in ``starve`` get no token)."""
+    from dsmoe.nn.moe import _BLOCK
+    live = [e for e in range(E) if e not in starve]
+    idx = torch.stack([torch.tensor(live)[torch.randperm(len(live))[:k]] for _ in range(T)]).int()
+    x_perm, m_idx, tpe, _ = ops.moe_permute(torch.randn(T, H), idx, E, alignment=_BLOCK)
+    gs = ((tpe + _BLOCK - 1) // _BLOCK * _BLOCK).int()
+    gs[-1] += x_perm.shape[0] - gs.sum()
+    return x_perm, m_idx, gs
+
+
+@pytest.mark.parametrize("E,T,K,N", [(4, 50, 160, 72), (3, 130, 128, 256), (5, 7, 96, 200)])
+def test_grouped_fp8_experts_are_the_per_expert_fp8_products(E, T, K, N):
+    """The grouped FP8 expert GEMMs against the exact emulation, per expert, in fp64:
+    forward ``y_r = deq(quant(x_r)) @ deq(Wq_e)^T``, Dgrad ``dx_r = deq(quant(dy_r)) @ deq(Wq_e)`` and the
+    k-grouped Wgrad ``dW_e = sum_{r in e} deq_tok(dy)_r^T deq_tok(x)_r`` (1x128 groups along tokens, inside
+    each 128-aligned expert segment); padding rows (m_indices -1) give 0 and get 0."""
+    from dsmoe.nn.moe import _GroupedLinearFn
+    x, m_idx, gs = _grouped_layout(T, 2, E, K, starve=(1,))
+    x = x.detach().requires_grad_()
+    w = (torch.randn(E, N, K) * 0.05).requires_grad_()
+    y = _GroupedLinearFn.apply(x, w, m_idx, gs, True)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    valid = m_idx >= 0
+    assert bool((~valid).any()), "the layout should have padding rows"
+    y_ref = torch.zeros(x.shape[0], N, dtype=torch.float64)
+    dx_ref = torch.zeros(x.shape[0], K, dtype=torch.float64)
+    xd, gd = _deq_rows(x.detach()), _deq_rows(gy)                 # per-row groups: rows of one expert only
+    gz = torch.where(valid[:, None], gy, 0.0)
+    gtd = _deq_tokens(F.pad(gz, (0, (-N) % 128)))                 # [Np, R]
+    xtd = _deq_tokens(F.pad(x.detach(), (0, (-K) % 128)))         # [Kp, R]
+    dw_ref = torch.zeros(E, N, K, dtype=torch.float64)
+    for e in range(E):
+        rows = (m_idx == e).nonzero().squeeze(1)
+        wd = _deq_block(w.detach()[e])
+        y_ref[rows] = (xd[rows] @ wd.T)[:, :N]
+        dx_ref[rows] = (gd[rows] @ wd)[:, :K]
+        dw_ref[e] = (gtd[:, rows] @ xtd[:, rows].T)[:N, :K]
+    assert (y[~valid] == 0).all() and (x.grad[~valid] == 0).all()
+    # the m-grouped GEMM writes bf16 (its API, as DeepGEMM's): the exact product, rounded once to bf16
+    for got, want in ((y, y_ref), (x.grad, dx_ref)):
+        assert ((got.double() - want).abs() <= 2**-8 * want.abs() + 1e-6 * want.abs().max()).all()   # half a bf16 ulp
+        assert rel_err(got, want.bfloat16()) < 1e-4, rel_err(got, want.bfloat16())
+    assert rel_err(w.grad, dw_ref) < 1e-5, rel_err(w.grad, dw_ref)
+    assert (w.grad[1] == 0).all()                                 # the starved expert
+
+
 def test_fp8_linear_empty_and_switches():
     lin = FP8Linear(128, 128)
     x = torch.randn(0, 128, requires_grad=True)
