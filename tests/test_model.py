@@ -232,6 +232,9 @@ def test_generate_leaves_training_state_alone():
     state = {k: v.clone() for k, v in m.state_dict().items()}
     for use_cache in (False, True):
         m.generate(ids, 3, use_cache=use_cache)
+    cache = m.new_cache(2, 12)                            # the generation pieces, called directly
+    m.prefill_with_cache(ids, cache)
+    m.decode_step(ids[:, :1], cache)
     assert {n: x.training for n, x in m.named_modules()} == modes
     assert all(torch.equal(x.load, l_) for x, l_ in zip(moes, loads))
     assert all(x.aux_loss is a for x, a in zip(moes, aux))

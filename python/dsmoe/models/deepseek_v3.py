@@ -6,6 +6,7 @@ plus the MTP modules' shared embedding/head copies.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass
@@ -300,10 +301,18 @@ class DeepseekV3ForCausalLM(nn.Module):
         if B == 0 or T == 0 or max_new_tokens == 0:
             return input_ids.clone()
         use_cache = True if use_cache is None else use_cache
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
+        with self._inference_mode():
             return self._greedy(input_ids, max_new_tokens, mask, eos, pad_id, use_cache)
+
+    @contextlib.contextmanager
+    def _inference_mode(self):
+        """Eval mode inside (a MoE layer in train mode counts its load for the next bias update and records
+        a balance loss); every module's own flag restored on exit, errors included."""
+        modes = [(m, m.training) for m in self.modules() if m.training]
+        for m, _ in modes:
+            m.training = False
+        try:
+            yield
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -362,7 +371,8 @@ class DeepseekV3ForCausalLM(nn.Module):
 
         ``attention_mask [B, s]`` (left-padded: zeros then ones) marks padding slots, which take no cache
         space. Raises before touching the cache when a row would pass ``cache.max_len``, or when the
-        cache does not fit this model or batch; a failure inside the layers leaves ``seqlens`` as it was."""
+        cache does not fit this model or batch; a failure inside the layers leaves ``seqlens`` as it was.
+        Runs the layers in eval mode (no MoE load counted), whatever the model's mode."""
         cfg = self.config
         self._check_ids("decode_step", "new_ids", new_ids)
         B, s = new_ids.shape
@@ -398,10 +408,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         old = cache.seqlens.clone()
         cache.seqlens += n_new
         try:
-            h = self.model.embed_tokens(new_ids)
-            for layer in self.main_layers:
-                h = layer.decode(h, cos, sin, cache, positions)
-            logits = self.lm_head(self.model.norm(h))
+            with self._inference_mode():
+                h = self.model.embed_tokens(new_ids)
+                for layer in self.main_layers:
+                    h = layer.decode(h, cos, sin, cache, positions)
+                logits = self.lm_head(self.model.norm(h))
         except BaseException:
             cache.seqlens.copy_(old)
             raise
