@@ -366,27 +366,73 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, new_ids: torch.Tensor, cache: MLAKVCache, *,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Appends ``new_ids [B, s]`` after what ``cache`` holds and returns their logits ``[B, s, V]``.
+                    attention_mask: torch.Tensor | None = None, return_hidden: bool = False):
+        """Appends ``new_ids [B, s]`` after what ``cache`` holds and returns their logits ``[B, s, V]``
+        (``return_hidden=True``: ``(logits, h)``, h the last layer's output before the final norm, which
+        the MTP modules take).
 
         ``attention_mask [B, s]`` (left-padded: zeros then ones) marks padding slots, which take no cache
         space. Raises before touching the cache when a row would pass ``cache.max_len``, or when the
         cache does not fit this model or batch; a failure inside the layers leaves ``seqlens`` as it was.
         Runs the layers in eval mode (no MoE load counted), whatever the model's mode."""
+        def body(ids, cos, sin, positions):
+            h = self.model.embed_tokens(ids)
+            for layer in self.main_layers:
+                h = layer.decode(h, cos, sin, cache, positions)
+            return h, self.lm_head(self.model.norm(h))
+
+        h, logits = self._cached_run("decode_step", new_ids, cache, attention_mask, body)
+        return (logits, h) if return_hidden else logits
+
+    @torch.no_grad()
+    def mtp_decode_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: MLAKVCache, *,
+                        attention_mask: torch.Tensor | None = None):
+        """One MTP module over the latent cache (speculative drafting): at each new position i it combines
+        ``h_prev [B, s, H]`` (the main model's, or the previous draft step's, hidden state at i) with the
+        embedding of ``next_ids [B, s]`` (the token at i + 1), like :meth:`forward`'s MTP branch, and returns
+        ``(h, logits)``; the logits at i predict the token at i + 2. ``depth`` counts from 0; a depth past
+        the last module reuses the last one. ``cache`` must hold the MTP layers (``len(cache.kv)`` = layers +
+        MTP modules) and its own ``seqlens`` (positions with an MTP entry)."""
+        D = len(self.mtp_layers)
+        if D == 0:
+            raise ValueError("DeepseekV3ForCausalLM.mtp_decode_step: this model has no MTP module "
+                             "(num_nextn_predict_layers=0)")
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"DeepseekV3ForCausalLM.mtp_decode_step: argument 'depth' must be an int >= 0, got {depth!r}")
+        mtp = self.mtp_layers[min(depth, D - 1)]
+        if not isinstance(h_prev, torch.Tensor) or tuple(h_prev.shape) != (*next_ids.shape, self.config.hidden_size):
+            got = tuple(h_prev.shape) if isinstance(h_prev, torch.Tensor) else type(h_prev).__name__
+            raise ValueError(f"DeepseekV3ForCausalLM.mtp_decode_step: argument 'h_prev' must have shape "
+                             f"{(*next_ids.shape, self.config.hidden_size)}, got {got}")
+        if len(cache.kv) <= mtp.layer_idx:
+            raise ValueError(f"DeepseekV3ForCausalLM.mtp_decode_step: argument 'cache' has {len(cache.kv)} layers, "
+                             f"the MTP module needs layer {mtp.layer_idx}")
+
+        def body(ids, cos, sin, positions):
+            x = mtp.eh_proj(torch.cat([mtp.enorm(self.model.embed_tokens(ids)), mtp.hnorm(h_prev)], -1))
+            h = DecoderLayer.decode(mtp, x, cos, sin, cache, positions)
+            return h, self.lm_head(mtp.shared_head.norm(h))
+
+        return self._cached_run("mtp_decode_step", next_ids, cache, attention_mask, body)
+
+    def _cached_run(self, where, new_ids, cache, attention_mask, body):
+        """Shared by the cached paths: checks, positions after ``cache.seqlens``, capacity, and
+        ``seqlens`` advanced only when ``body`` succeeds."""
         cfg = self.config
-        self._check_ids("decode_step", "new_ids", new_ids)
+        self._check_ids(where, "new_ids" if where == "decode_step" else "next_ids", new_ids)
         B, s = new_ids.shape
         dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        if not isinstance(cache, MLAKVCache) or len(cache.kv) != cfg.num_hidden_layers or \
+        L, D = cfg.num_hidden_layers, len(self.mtp_layers)
+        if not isinstance(cache, MLAKVCache) or not L <= len(cache.kv) <= L + D or \
                 (cache.kv and cache.kv[0].shape[-1] != dim):
             got = (f"{len(cache.kv)} layers of {tuple(cache.kv[0].shape[-1:]) if cache.kv else ()} values"
                    if isinstance(cache, MLAKVCache) else type(cache).__name__)
-            raise ValueError(f"DeepseekV3ForCausalLM.decode_step: argument 'cache' must be this model's new_cache(): "
+            raise ValueError(f"DeepseekV3ForCausalLM.{where}: argument 'cache' must be this model's new_cache(): "
                              f"{cfg.num_hidden_layers} layers of {dim} values per token, got {got}")
         if cache.seqlens.shape[0] != B:
-            raise ValueError(f"DeepseekV3ForCausalLM.decode_step: argument 'new_ids' has {B} rows, the cache holds "
+            raise ValueError(f"DeepseekV3ForCausalLM.{where}: argument 'new_ids' has {B} rows, the cache holds "
                              f"{cache.seqlens.shape[0]} sequences")
-        mask = self._check_mask("decode_step", attention_mask, new_ids, left_padded=True)
+        mask = self._check_mask(where, attention_mask, new_ids, left_padded=True)
         dev = new_ids.device
         n_new = torch.full((B,), s, dtype=torch.int32, device=dev) if mask is None else mask.sum(1, dtype=torch.int32)
         new_bound = cache.len_bound + s
@@ -395,7 +441,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             after = cache.seqlens.long() + n_new.long()
             if bool((after > cache.max_len).any()):
                 b = int(after.argmax())
-                raise ValueError(f"DeepseekV3ForCausalLM.decode_step: the cache is full: sequence {b} holds "
+                raise ValueError(f"DeepseekV3ForCausalLM.{where}: the cache is full: sequence {b} holds "
                                  f"{int(cache.seqlens[b])} of max_len={cache.max_len} tokens and {int(n_new[b])} more "
                                  f"were given (make the cache with new_cache(batch, max_len) large enough)")
             new_bound = int(after.max())
@@ -409,15 +455,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         cache.seqlens += n_new
         try:
             with self._inference_mode():
-                h = self.model.embed_tokens(new_ids)
-                for layer in self.main_layers:
-                    h = layer.decode(h, cos, sin, cache, positions)
-                logits = self.lm_head(self.model.norm(h))
+                out = body(new_ids, cos, sin, positions)
         except BaseException:
             cache.seqlens.copy_(old)
             raise
         cache.len_bound = new_bound
-        return logits
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

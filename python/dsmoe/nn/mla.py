@@ -44,6 +44,17 @@ class MLAKVCache:
         self.max_len = max_len
         self.len_bound = 0
 
+    @classmethod
+    def view(cls, kv: list, block_table: torch.Tensor, seqlens: torch.Tensor) -> "MLAKVCache":
+        """A cache over a shared block pool (``kv`` per layer ``[num_blocks, 64, 1, dim]``): this batch's
+        ``block_table [B, max_blocks]`` and ``seqlens int32 [B]``, capacity ``max_blocks * 64``. The
+        serving engine builds one per step; the blocks themselves are its block manager's."""
+        self = cls.__new__(cls)
+        self.kv, self.block_table, self.seqlens = kv, block_table, seqlens
+        self.max_len = block_table.shape[1] * cls.BLOCK
+        self.len_bound = int(seqlens.max()) if seqlens.numel() else 0
+        return self
+
 
 class MLA(nn.Module):
     def __init__(self, cfg, layer_idx: int = 0, *, fp8: bool = True, dtype=None):
