@@ -234,6 +234,8 @@ def _main(argv):
     try:  # --out was checked before training; this catches what changed since (disk full, permissions)
         os.makedirs(out_dir, exist_ok=True)
         model.save_pretrained(os.path.join(out_dir, "checkpoint"))
+        from .tokenizer import save_task_tokenizer
+        save_task_tokenizer(task, os.path.join(out_dir, "checkpoint"))   # AutoTokenizer / text prompts for `dsmoe generate`
         _plots(hist, task, out_dir, other)
         summary["wall_s"] = round(time.time() - t0, 1)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
