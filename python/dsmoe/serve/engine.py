@@ -232,13 +232,15 @@ class LLM:
             self.waiting.pop(0)
             for b in hits:
                 self.bm.acquire(b)
-            s.blocks = list(hits)
+            # the prompt's blocks now, so that the next admission sees what is left
+            s.blocks = list(hits) + [self.bm.allocate() for _ in range(self.bm.blocks_for(n) - len(hits))]
             s.hashes = [self.bm.block_hash[b] for b in hits]
             s.num_computed = s.mtp_len = len(hits) * BLOCK_SIZE
             if s.num_cached_tokens is None:
                 s.num_cached_tokens = min(s.num_computed, s.num_prompt)
                 self.stats["cached_prompt_tokens"] += s.num_cached_tokens
             s.drafts, s.draft_probs = [], []
+            s.prefilling = True
             s.status = _RUNNING
             s.admitted_at = next(self._admissions)
             self.running.append(s)
@@ -356,13 +358,14 @@ class LLM:
                 s.num_computed = c + 1 + a
                 used = a + 1
             else:
-                if not verify:
+                if s.prefilling:
                     self.stats["prefill_tokens_computed"] += m
                 s.num_computed = c + m
                 used = m
                 emitted = []
                 if s.num_computed == len(s.tokens):
                     emitted = [sample_token(lg[-1], s.params, s.gen)[0]]
+                    s.prefilling = False
             s.drafts, s.draft_probs = [], []
             for t in emitted:
                 self._append(s, t)
