@@ -343,3 +343,26 @@ def test_rejection_sampling_preserves_the_target_distribution():
     # a wrong sampler fails: emitting the draft unconditionally gives q, far from p
     stat, df = _chi2(torch.bincount(torch.multinomial(q[0].float(), N, True, generator=g), minlength=V).float(), p[0])
     assert stat > _chi2_crit(df)
+
+
+def test_dsmoe_generate_cli(tmp_path, capsys):
+    from dsmoe.__main__ import main
+    from dsmoe.tokenizer import save_task_tokenizer
+
+    task = PermutedCopyTask(num_symbols=8, length=4)
+    m = _repeat_drafter(_model(vocab=task.vocab_size, seed=2, max_position_embeddings=64))
+    m.save_pretrained(tmp_path)
+    save_task_tokenizer(task, tmp_path)
+    prompts = ["<s> 1 2 3 4 |", "<s> 7 7 0 1 |"]
+    assert main(["generate", str(tmp_path), "--prompt", prompts[0], "--prompt", prompts[1], "--max-tokens", "6",
+                 "--speculative", "mtp"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    llm = LLM(str(tmp_path))               # the same loading path (and the checkpoint's own tokenizer)
+    assert llm.tokenizer is not None
+    want = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    for line, o in zip(lines, want):
+        assert line.startswith(o.prompt + " -> " + o.outputs[0].text + "  [")
+    assert lines[2].startswith("stats: 2 requests") and "MTP acceptance" in lines[2] and "tokens per forward" in lines[2]
+    with pytest.raises(SystemExit):
+        main(["generate", str(tmp_path), "--prompt", "<s> 1 2", "--max-tokens", "0"])
+    assert "argument 'max_tokens'" in capsys.readouterr().err

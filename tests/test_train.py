@@ -69,6 +69,12 @@ def test_dsmoe_train_cli_micro_end_to_end(tmp_path, capsys):
     assert summ["eval_sequences"] == 128
     assert ev["eval_lm_loss"] == pytest.approx(summ["eval_lm_loss"], rel=1e-5)
     assert (ev["accuracy"], ev["exact_match"], ev["sample"]) == (summ["accuracy"], summ["exact_match"], summ["sample"])
+    # the checkpoint carries the task's tokenizer: text in the task's words round-trips to the task's ids
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(out / "checkpoint")
+    task = PermutedCopyTask(**PRESETS["micro"]["task"])
+    s = task.sample(3).reshape(-1)
+    assert tok.encode(task.decode(s), add_special_tokens=False) == s.tolist() and tok.eos_token_id == 1
 
 
 # The README's main job, shortened: same preset and code path (the `dsmoe` entry point in a fresh process),

@@ -16,6 +16,7 @@ SUITES = {
     "ep": ".ep",
     "layer": ".layer",
     "headline": ".headline",  # a few cases of each suite above, for a budgeted GPU check
+    "serve": ".serve",  # needs a checkpoint (DSMOE_SERVE_CHECKPOINT or runs/tiny/checkpoint)
 }
 
 
@@ -58,7 +59,7 @@ def main(suites, *, out: str = "bench/results", quick: bool = False, list_only: 
     if list_only:
         return list_suites()
     if suites == ["all"]:
-        suites = [s for s in SUITES if s != "headline"]
+        suites = [s for s in SUITES if s not in ("headline", "serve")]
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise CLIError(f"unknown suite(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SUITES)} or all")
