@@ -95,6 +95,12 @@ def test_prefix_cache_second_request_reuses_three_blocks(model):
     assert llm.stats["prefill_tokens_computed"] - before == len(b) - 192      # only the rest was prefilled
     assert ob.outputs[0].token_ids == _ref(model, b, 5)
     assert oa.outputs[0].token_ids == _ref(model, a, 5)
+    # requests sharing a prefix that arrive together: the first computes it, the others wait a step for it
+    shared2 = _prompts([200])[0]
+    together = [shared2 + t for t in _prompts([3, 9, 1])]
+    outs = llm.generate(together, SamplingParams(max_tokens=4, **GREEDY))
+    assert [o.num_cached_tokens for o in outs] == [0, 192, 192]
+    assert [o.outputs[0].token_ids for o in outs] == [_ref(model, p, 4) for p in together]
     # a whole prompt that is cached still computes its last token (the logits come from it)
     (oc,) = llm.generate([shared], SamplingParams(max_tokens=3, **GREEDY))
     assert oc.num_cached_tokens == 128 and oc.outputs[0].token_ids == _ref(model, shared, 3)

@@ -50,7 +50,8 @@ def figures(checkpoint: str, *, quick: bool = False, device=None) -> dict:
         one.generate([p], greedy)
     t_one = time.perf_counter() - t0
     toks = sum(len(o.outputs[0].token_ids) for o in ref)
-    gen = torch.tensor([o.outputs[0].token_ids[: task.length] for o in ref])
+    # a completion that ended early (EOS) counts its missing symbols as wrong
+    gen = torch.tensor([(o.outputs[0].token_ids + [-1] * task.length)[: task.length] for o in ref])
     acc, exact = task.accuracy(torch.cat([seqs[:, : task.prompt_len()], gen], 1), seqs)
     out["batching"] = {"tokens": toks, "concurrent_s": t_batch, "sequential_s": t_one,
                        "concurrent_tokens_per_s": toks / t_batch, "sequential_tokens_per_s": toks / t_one,

@@ -38,6 +38,7 @@ class _Sequence:
         self.status = _WAITING
         self.blocks: list[int] = []
         self.hashes: list[bytes] = []       # chain hashes of the blocks registered so far (prefix of blocks)
+        self.prompt_chain: list[bytes] = []   # chain hashes of the full blocks it had at admission
         self.num_computed = 0               # tokens whose latents the main layers' cache holds
         self.mtp_len = 0                    # positions whose MTP-layer entry is committed
         self.num_cached_tokens = None
@@ -221,6 +222,11 @@ class LLM:
             s = self.waiting[0]
             n = len(s.tokens)
             hits = self.bm.match_prefix(s.tokens, (n - 1) // BLOCK_SIZE)   # >= 1 token left to compute
+            chain = self.bm.chain_hashes(s.tokens, (n - 1) // BLOCK_SIZE) if self.bm.enable_prefix_caching else []
+            if len(chain) > len(hits) and chain[len(hits)] in self._computing():
+                # its next block is being computed by a running sequence: wait a step and reuse it rather
+                # than compute the same prefix twice (requests sharing a system prompt arrive together)
+                break
             need = self.bm.blocks_for(n + 1) - len(hits)
             if not self.bm.can_allocate(need, hits):
                 if not self.running and not self.bm.can_allocate(need + len(hits)):
@@ -235,6 +241,7 @@ class LLM:
             # the prompt's blocks now, so that the next admission sees what is left
             s.blocks = list(hits) + [self.bm.allocate() for _ in range(self.bm.blocks_for(n) - len(hits))]
             s.hashes = [self.bm.block_hash[b] for b in hits]
+            s.prompt_chain = chain
             s.num_computed = s.mtp_len = len(hits) * BLOCK_SIZE
             if s.num_cached_tokens is None:
                 s.num_cached_tokens = min(s.num_computed, s.num_prompt)
@@ -244,6 +251,10 @@ class LLM:
             s.status = _RUNNING
             s.admitted_at = next(self._admissions)
             self.running.append(s)
+
+    def _computing(self) -> set:
+        """Hashes of prompt blocks that running sequences are computing and have not registered yet."""
+        return {h for r in self.running if r.status == _RUNNING for h in r.prompt_chain[len(r.hashes):]}
 
     def _preempt(self, s: _Sequence) -> None:
         for b in reversed(s.blocks):
