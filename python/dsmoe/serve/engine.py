@@ -79,10 +79,9 @@ class LLM:
             kw = {} if fp8 is None else {"fp8": fp8}
             model = DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype, device=device, **kw)
             model_id = os.path.abspath(path)
-            if tokenizer is None and any(os.path.exists(os.path.join(path, f))
-                                         for f in ("tokenizer.json", "tokenizer_config.json")):
-                from transformers import AutoTokenizer
-                tokenizer = AutoTokenizer.from_pretrained(path)
+            if tokenizer is None:
+                from ..tokenizer import load_tokenizer
+                tokenizer = load_tokenizer(path)
         else:
             raise TypeError(f"LLM: argument 'model_or_checkpoint_path' must be a DeepseekV3ForCausalLM or a "
                             f"checkpoint folder, got {type(model_or_checkpoint_path).__name__}")
