@@ -41,7 +41,8 @@ def model():
 
 
 def _ref(model, prompt, n):
-    return model.generate(torch.tensor([prompt]), n)[0, len(prompt):].tolist()
+    dev = model.lm_head.weight.device
+    return model.generate(torch.tensor([prompt], device=dev), n)[0, len(prompt):].tolist()
 
 
 def _prompts(lengths, vocab=40):
@@ -372,3 +373,18 @@ def test_dsmoe_generate_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", str(tmp_path), "--prompt", "<s> 1 2", "--max-tokens", "0"])
     assert "argument 'max_tokens'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sizes", ["kernel", "reference"])
+def test_serve_on_cuda_greedy_equals_generate(sizes):
+    """On a GPU: V3's latent sizes (512 + 64) run the sm_90a decode/append kernels, the small ones the
+    reference on CUDA tensors; the engine's batched, mixed-length calls give generate's tokens."""
+    kw = dict(kv_lora_rank=512, qk_rope_head_dim=64) if sizes == "kernel" else {}
+    m = _model(vocab=64, seed=0, **kw).cuda()
+    prompts = _prompts([5, 70, 130], vocab=64)
+    refs = [_ref(m, p, 8) for p in prompts]
+    for spec in (None, "mtp"):
+        llm = LLM(m, speculative=spec, num_speculative_tokens=2, max_model_len=256, max_num_batched_tokens=64)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=8, **GREEDY))
+        assert [o.outputs[0].token_ids for o in outs] == refs
