@@ -424,7 +424,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         L, D = cfg.num_hidden_layers, len(self.mtp_layers)
         if not isinstance(cache, MLAKVCache) or not L <= len(cache.kv) <= L + D or \
-                (cache.kv and cache.kv[0].shape[-1] != dim):
+                (cache.kv and cache.kv[0].shape[-1] != dim and not _fp8_cache_fits(cache.kv[0], dim)):
             got = (f"{len(cache.kv)} layers of {tuple(cache.kv[0].shape[-1:]) if cache.kv else ()} values"
                    if isinstance(cache, MLAKVCache) else type(cache).__name__)
             raise ValueError(f"DeepseekV3ForCausalLM.{where}: argument 'cache' must be this model's new_cache(): "
@@ -474,6 +474,11 @@ class DeepseekV3ForCausalLM(nn.Module):
                         dtype=None) -> None:
         from .checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_size=max_shard_size, quantize_fp8=quantize_fp8, dtype=dtype)
+
+
+def _fp8_cache_fits(kv: torch.Tensor, dim: int) -> bool:
+    """The FP8 latent cache (656 bytes per token) holds V3's 512 + 64 values."""
+    return dim == 576 and kv.shape[-1] == 656 and kv.dtype in (torch.float8_e4m3fn, torch.uint8)
 
 
 def config_replace(cfg: DeepseekV3Config, **kw) -> DeepseekV3Config:

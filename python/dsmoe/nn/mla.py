@@ -132,11 +132,12 @@ class MLA(nn.Module):
         kv = cache.kv[self.layer_idx]
         bids = torch.arange(B, device=x.device).repeat_interleave(s_q)
         ops.mla_kvcache_append(kv, cache.block_table, bids.to(torch.int32), positions.reshape(-1).to(torch.int32),
-                                      c.reshape(B * s_q, -1).to(kv.dtype), k_rope.reshape(B * s_q, -1).to(kv.dtype))
+                                      c.reshape(B * s_q, -1).to(torch.bfloat16), k_rope.reshape(B * s_q, -1).to(torch.bfloat16))
         w = self.kv_b_proj.dequantized_weight(torch.float32).view(self.nh, self.d_nope + self.d_v, self.kv_lora)
         w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope:]
         q_abs = torch.einsum("bshn,hnc->bshc", q_nope.float(), w_uk)
-        qf = torch.cat([q_abs, q_rope.float()], -1).to(kv.dtype)              # [B, s_q, nh, kv_lora + rope]
+        # bf16 in, whatever the cache holds: the ops quantize into (and read back from) an FP8 (656-byte) cache
+        qf = torch.cat([q_abs, q_rope.float()], -1).to(torch.bfloat16)        # [B, s_q, nh, kv_lora + rope]
         md, ns = ops.get_mla_metadata(cache.seqlens, s_q * self.nh, 1)
         o, _ = ops.mla_decode_with_kvcache(qf, kv, cache.block_table, cache.seqlens, self.kv_lora, md, ns,
                                            self.scale, causal=True)

@@ -60,7 +60,8 @@ class LLM:
     ``model_or_checkpoint_path``: a :class:`DeepseekV3ForCausalLM` or a checkpoint folder (its tokenizer
     files, if any, are loaded with ``AutoTokenizer``; ``tokenizer=`` overrides). ``num_blocks``: 64-token
     blocks in the latent-cache pool (default: ``max_num_seqs`` sequences of ``max_model_len`` tokens).
-    ``max_model_len``: longest sequence (default ``max_position_embeddings``). ``speculative="mtp"``
+    ``max_model_len``: longest sequence (default ``max_position_embeddings``). ``kv_cache_dtype``: "bf16"
+    or "fp8" (the 656-byte layout; V3's latent sizes only). ``speculative="mtp"``
     drafts ``num_speculative_tokens`` tokens per step with the model's first MTP module (reused for
     every draft step). ``max_num_batched_tokens``: prefill tokens per step (longer prompts are chunked).
     """
@@ -68,7 +69,8 @@ class LLM:
     def __init__(self, model_or_checkpoint_path, *, tokenizer=None, dtype=None, device=None, max_num_seqs: int = 32,
                  num_blocks: int | None = None, max_model_len: int | None = None, speculative: str | None = None,
                  num_speculative_tokens: int = 1, enable_prefix_caching: bool = True,
-                 max_num_batched_tokens: int = 512, fp8: bool | None = None, seed: int = 0):
+                 max_num_batched_tokens: int = 512, fp8: bool | None = None, seed: int = 0,
+                 kv_cache_dtype: str = "bf16"):
         if isinstance(model_or_checkpoint_path, DeepseekV3ForCausalLM):
             model = model_or_checkpoint_path
             if dtype is not None or device is not None:
@@ -112,8 +114,16 @@ class LLM:
         n_layers = cfg.num_hidden_layers + (1 if self.spec else 0)
         dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         # one pool per layer (the MTP module's included); a block id names the same page in all of them
-        self.kv = [torch.zeros(num_blocks, BLOCK_SIZE, 1, dim, dtype=torch.bfloat16, device=self.device)
-                   for _ in range(n_layers)]
+        if kv_cache_dtype not in ("bf16", "fp8"):
+            raise ValueError(f"LLM: argument 'kv_cache_dtype' must be 'bf16' or 'fp8', got {kv_cache_dtype!r}")
+        if kv_cache_dtype == "fp8" and (cfg.kv_lora_rank, cfg.qk_rope_head_dim) != (512, 64):
+            raise ValueError(f"LLM: argument 'kv_cache_dtype'='fp8': the FP8 (656-byte) latent cache holds V3's "
+                             f"kv_lora_rank 512 + qk_rope_head_dim 64, this model has {cfg.kv_lora_rank} + "
+                             f"{cfg.qk_rope_head_dim}")
+        # FP8: e4m3 latent with one scale per 128 values and the rope part in bf16, inline (656 bytes per token)
+        shape = (num_blocks, BLOCK_SIZE, 1, 656 if kv_cache_dtype == "fp8" else dim)
+        dt = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else torch.bfloat16
+        self.kv = [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(n_layers)]
         self.eos_ids = set()
         if cfg.eos_token_id is not None:
             self.eos_ids.add(int(cfg.eos_token_id))
