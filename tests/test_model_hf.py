@@ -295,35 +295,47 @@ def _left_padded_batch(lengths, vocab, pad_id=0):
 
 
 def test_greedy_generate_matches_hf_left_padded_with_and_without_eos(tmp_path):
-    model, hf = _saved_pair(tmp_path)
     ids, mask = _left_padded_batch([11, 6, 1, 9], BASE["vocab_size"])
     n = 10
-    ref = _hf_generate(hf, ids, mask, n)
-    assert ref.shape == (4, 11 + n)
-    assert torch.equal(model.generate(ids, n, attention_mask=mask, use_cache=False), ref)
-    # the latent cache (bf16): every token must be transformers' greedy choice up to that bf16 error, and the
-    # whole output equals transformers' unless a near-tie (top two within the tolerance) was met
-    out_c = model.generate(ids, n, attention_mask=mask)
-    with torch.no_grad():
-        pos = (torch.cat([mask, torch.ones(4, n, dtype=torch.long)], 1).cumsum(1) - 1).clamp(min=0)
-        full_mask = torch.cat([mask, torch.ones(4, n, dtype=torch.long)], 1)
-        lg = hf(out_c, attention_mask=full_mask, position_ids=pos).logits
-    tol = 0.06 * lg.pow(2).mean().sqrt().item()          # 4x the decode path's rel_err bound (test_model.py)
-    near_tie = False
-    for t in range(11, 11 + n):
-        top2 = lg[:, t - 1].topk(2, -1).values
-        chosen = lg[:, t - 1].gather(1, out_c[:, t: t + 1]).squeeze(1)
-        assert (chosen >= top2[:, 0] - tol).all(), t
-        near_tie |= bool(((top2[:, 0] - top2[:, 1]) <= tol).any())
-    if not near_tie:
-        assert torch.equal(out_c, ref)
-    # with an EOS that row 0 emits mid-way (pad defaults to the EOS, as in transformers), and an explicit pad
-    eos = int(ref[0, 11 + 3])
-    k0 = int((ref[0, 11:] == eos).nonzero()[0])             # 3, or earlier if row 0 produced it before
-    for pad in (None, BASE["vocab_size"] - 1):
-        ref_e = _hf_generate(hf, ids, mask, n, eos=eos, pad=pad)
-        ours = model.generate(ids, n, attention_mask=mask, eos_token_id=eos, pad_token_id=pad, use_cache=False)
-        assert torch.equal(ours, ref_e), (ours, ref_e)
-        assert ref_e[0, 11 + k0] == eos and (ref_e[0, 11 + k0 + 1:] == (eos if pad is None else pad)).all()
+    # NOTE: two models. The MoE one checks the full-forward path, which must equal transformers exactly.
+    # The latent cache stores bf16, and in a MoE model that rounding flips a near-tied expert choice for
+    # ~1 seed in 15 (logits then move by several x the bound below: measured 7x), which no bound on the
+    # cache's own error can absorb; the all-dense model checks the cache path (measured <= 0.13x the bound
+    # over 30 seeds). The MoE layer's decode equals its prefill in tests/test_model.py.
+    for dense in (False, True):
+        model, hf = _saved_pair(tmp_path / f"dense{int(dense)}",
+                                **({"first_k_dense_replace": BASE["num_hidden_layers"]} if dense else {}))
+        ref = _hf_generate(hf, ids, mask, n)
+        assert ref.shape == (4, 11 + n)
+        # with an EOS that row 0 emits mid-way (pad defaults to the EOS, as in transformers), and an explicit pad
+        eos = int(ref[0, 11 + 3])
+        k0 = int((ref[0, 11:] == eos).nonzero()[0])             # 3, or earlier if row 0 produced it before
+        refs_e = {pad: _hf_generate(hf, ids, mask, n, eos=eos, pad=pad) for pad in (None, BASE["vocab_size"] - 1)}
+        for pad, ref_e in refs_e.items():
+            assert ref_e[0, 11 + k0] == eos and (ref_e[0, 11 + k0 + 1:] == (eos if pad is None else pad)).all()
+        if not dense:
+            assert torch.equal(model.generate(ids, n, attention_mask=mask, use_cache=False), ref)
+            for pad, ref_e in refs_e.items():
+                ours = model.generate(ids, n, attention_mask=mask, eos_token_id=eos, pad_token_id=pad,
+                                      use_cache=False)
+                assert torch.equal(ours, ref_e), (ours, ref_e)
+            continue
+        # the latent cache (bf16): every token must be transformers' greedy choice up to that bf16 error, and
+        # the whole output equals transformers' unless a near-tie (top two within the tolerance) was met
+        out_c = model.generate(ids, n, attention_mask=mask)
+        with torch.no_grad():
+            full_mask = torch.cat([mask, torch.ones(4, n, dtype=torch.long)], 1)
+            pos = (full_mask.cumsum(1) - 1).clamp(min=0)
+            lg = hf(out_c, attention_mask=full_mask, position_ids=pos).logits
+        tol = 0.06 * lg.pow(2).mean().sqrt().item()          # 4x the decode path's rel_err bound (test_model.py)
+        near_tie = False
+        for t in range(11, 11 + n):
+            top2 = lg[:, t - 1].topk(2, -1).values
+            chosen = lg[:, t - 1].gather(1, out_c[:, t: t + 1]).squeeze(1)
+            assert (chosen >= top2[:, 0] - tol).all(), t
+            near_tie |= bool(((top2[:, 0] - top2[:, 1]) <= tol).any())
         if not near_tie:
-            assert torch.equal(model.generate(ids, n, attention_mask=mask, eos_token_id=eos, pad_token_id=pad), ref_e)
+            assert torch.equal(out_c, ref)
+            for pad, ref_e in refs_e.items():
+                assert torch.equal(model.generate(ids, n, attention_mask=mask, eos_token_id=eos,
+                                                  pad_token_id=pad), ref_e)
