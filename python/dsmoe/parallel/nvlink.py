@@ -28,7 +28,8 @@ spreads to the peers (they time out) instead of the epochs drifting apart; eager
 (EPTimeoutError / RuntimeError), graph-safe outputs are poisoned: ``recv_x``, ``recv_topk_weights``, the
 combine output and the weight gradients are NaN, ``recv_topk_idx`` is -1 and the counts 0 (and once
 ``check_error()`` has reported the timeout, calls raise). No call after a failure returns stale rows as data. A local input error (graph-safe: ids outside [-1, E), or ranks that
-disagree) poisons that call's outputs the same way and is raised (then cleared) by ``check_error()``.
+disagree) poisons the outputs the same way, of that call and of every later one on this rank until
+``check_error()`` raises it (and clears it).
 
 Lifetime: ``close()`` (collective) sets the error word to "closed", synchronizes, closes the peers'
 mappings and frees the memory, unless a call of this buffer was captured into a CUDA graph: then the
