@@ -124,6 +124,7 @@ def _worker_dispatch(rank, world, port, E):
         if world == 2:
             _fp8_bytes(rank, world)
             _compiled(buf, rank, world, E)
+            _collective_counts(rank, world, E)
     finally:
         dist.destroy_process_group()
 
@@ -248,6 +249,47 @@ def _compiled(buf, rank, world, E):
             res.append((out.detach(), xr.grad, wr.grad))
         for a, b in zip(*res):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _collective_counts(rank, world, E):
+    """The collectives each call issues (every rank the same, whatever its data): the first dispatch one
+    handshake all_gather; every dispatch one count exchange and ONE byte-row all_to_all (payload, scales,
+    ids and weights together, FP8 too); combine and each backward one all_to_all; nothing else."""
+    calls = []
+    real = {n: getattr(dist, n) for n in ("all_to_all_single", "all_gather", "all_reduce", "broadcast",
+                                          "all_gather_object", "barrier")}
+
+    def spy(name):
+        def f(*a, **kw):
+            calls.append(name)
+            return real[name](*a, **kw)
+        return f
+
+    for n in real:
+        setattr(dist, n, spy(n))
+    try:
+        buf = EPBuffer(None, E, H)
+        x, idx, w = _situation_inputs("empty_ranks", rank, world, E)  # rank 1 has no token
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        rx, _, rw, _, h = buf.dispatch(xr, idx, wr)
+        assert calls == ["all_gather", "all_to_all_single", "all_to_all_single"], calls
+        calls.clear()
+        out = buf.combine(rx * rw.sum(1, keepdim=True).to(rx.dtype), h)
+        assert calls == ["all_to_all_single"], calls
+        calls.clear()
+        out.sum().backward()
+        assert calls == ["all_to_all_single"] * 2, calls  # combine backward, dispatch backward
+        calls.clear()
+        buf.dispatch(x, idx, w)                             # no handshake after the first call
+        assert calls == ["all_to_all_single"] * 2, calls
+        calls.clear()
+        fb = EPBuffer(None, 8, 128)
+        q = torch.zeros(3 * (1 - rank), 128, dtype=torch.float8_e4m3fn)
+        fb.dispatch((q, torch.ones(q.shape[0], 1)), torch.zeros(q.shape[0], 2, dtype=torch.int32), torch.ones(q.shape[0], 2))
+        assert calls == ["all_gather", "all_to_all_single", "all_to_all_single"], calls
+    finally:
+        for n, f in real.items():
+            setattr(dist, n, f)
 
 
 def _fp8_bytes(rank, world):
