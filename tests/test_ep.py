@@ -537,3 +537,24 @@ def test_no_import_circle_between_buffer_and_nvlink():
         imported = {(n.module or "").rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name.rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not imported & set(forbidden), (mod.__name__, imported)
+
+
+def test_nvlink_backward_after_close_or_failure_raises_first():
+    """An autograd graph can outlive close() (or a reported timeout): the nvlink backward entry points refuse
+    before touching the freed buffer or the launcher (CPU: a transport in its closed/failed state)."""
+    from dsmoe.parallel.common import EPHandle
+    from dsmoe.parallel.nvlink import NVLinkTransport
+    h = EPHandle(1, torch.zeros(1, 2, dtype=torch.int32), [], [1, 1], torch.ones(1, 2, dtype=torch.bool), 1,
+                 torch.bfloat16, {"num_tokens": 1, "k": 1})
+    y = torch.zeros(2, 8, dtype=torch.bfloat16)
+    tr = object.__new__(NVLinkTransport)
+    tr.peers, tr._failed = [], None  # what close() leaves
+    with pytest.raises(RuntimeError, match=r"EPBuffer\.dispatch backward: the nvlink buffer was closed"):
+        tr._combine_raw(y, h, torch.zeros(2, 1))
+    with pytest.raises(RuntimeError, match=r"EPBuffer\.combine backward: the nvlink buffer was closed"):
+        tr._combine_backward(torch.zeros(1, 8), h)
+    tr.peers, tr._failed = [1, 2], "peer rank 1 did not signal"  # what a reported timeout leaves
+    with pytest.raises(EPTimeoutError, match="dispatch backward: an earlier exchange failed"):
+        tr._combine_raw(y, h, torch.zeros(2, 1))
+    with pytest.raises(EPTimeoutError, match="combine backward: an earlier exchange failed"):
+        tr._combine_backward(torch.zeros(1, 8), h)

@@ -378,6 +378,8 @@ class NVLinkTransport:
     def _combine_raw(self, y, handle, gw=None):
         """Rows back to their sources, summed in rank order. With ``gw`` (fp32 ``[rows, k]``, the dispatch
         backward) each row also carries its weight gradients; returns ``(out, dw [T, k])`` then."""
+        # NOTE: the backward passes get here without combine()'s check: an autograd graph can outlive close()
+        self._check_open("combine" if gw is None else "dispatch backward")
         nv = handle.nv
         W, T, H = self.W, self.T, self.H
         dev = y.device
@@ -440,6 +442,7 @@ class NVLinkTransport:
     def _combine_backward(self, g, handle):
         """The backward of combine: each token's gradient to every rank that received it, into the same rows
         (a dispatch with the forward's layout; bf16/fp16 payload only)."""
+        self._check_open("combine backward")
         nv = handle.nv
         Tn, W, T, H = nv["num_tokens"], self.W, self.T, self.H
         dev = g.device
