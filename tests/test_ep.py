@@ -558,3 +558,35 @@ def test_nvlink_backward_after_close_or_failure_raises_first():
         tr._combine_raw(y, h, torch.zeros(2, 1))
     with pytest.raises(EPTimeoutError, match="combine backward: an earlier exchange failed"):
         tr._combine_backward(torch.zeros(1, 8), h)
+
+
+def _worker_close_barrier(rank, world, port, out):
+    # the nvlink close()'s barriers, with a peer that never reaches them (its memory needs CUDA; the
+    # barrier logic does not)
+    from dsmoe.parallel.nvlink import _Memory
+
+    _init(rank, world, port, timeout_s=60)
+    if rank == 1:
+        time.sleep(8)  # alive, but never calls the barrier
+        return
+    mem = _Memory.__new__(_Memory)
+    mem.captured, mem.base, mem.peers = False, 123, [1, 2]
+    t0 = time.time()
+    try:
+        mem._barrier(None, datetime.timedelta(seconds=2), "test")
+        res = "returned"
+    except EPTimeoutError as e:
+        res = f"{time.time() - t0:.2f} {mem.captured} {mem.base} {'within the timeout' in str(e)}"
+    with open(out, "w") as f:
+        f.write(res)
+
+
+@pytest.mark.dist
+def test_nvlink_close_barrier_times_out_and_keeps_memory_mapped():
+    """close() with a peer that never arrives raises EPTimeoutError within the buffer's timeout (not the
+    group's 60 s) and leaves the memory mapped (a live peer may still write into it)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "r")
+        mp.spawn(_worker_close_barrier, args=(2, _free_port(), out), nprocs=2, join=True)
+        secs, captured, base, named = open(out).read().split()
+    assert float(secs) < 6 and captured == "True" and base == "0" and named == "True"

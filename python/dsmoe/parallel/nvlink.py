@@ -92,9 +92,14 @@ class _Memory:
         self.status = None       # int32 [2] view: error word, local input error
         self.captured = False    # a call ran under CUDA graph capture: graphs may replay it later
 
-    def release(self, collective_group=None):
+    def release(self, collective_group=None, timeout=None):
         """Frees what is still held. With a group: close()'s collective order (every rank stops writing,
-        then every importer unmaps, then each exporter frees). Without (finalizer): local only."""
+        then every importer unmaps, then each exporter frees). Without (finalizer): local only.
+
+        NOTE: the barriers wait at most ``timeout`` (a timedelta). A peer that is gone makes close() raise
+        EPTimeoutError instead of blocking until the process group's own timeout (or, on NCCL, the
+        watchdog); the memory then stays mapped until the process exits, since a live peer may still
+        write into it."""
         if not self.base:
             return
         with torch.cuda.device(self.device):
@@ -102,7 +107,7 @@ class _Memory:
                 self.status[0].fill_(-1)  # closed: kernels replayed from captured graphs become no-ops
             torch.cuda.synchronize(self.device)
             if collective_group is not None:
-                dist.barrier(group=collective_group)  # no kernel of any rank still writes into a peer
+                self._barrier(collective_group, timeout, "no rank writes into a peer any more")
             # NOTE: captured graphs hold raw pointers into this memory and into the peers'; then both stay
             # mapped until the process exits rather than let a replay touch freed memory. The barriers run
             # either way (every rank must issue the same collectives).
@@ -111,11 +116,25 @@ class _Memory:
                     if r != self.rank:
                         self.C.ep_ipc_close(p)
             if collective_group is not None:
-                dist.barrier(group=collective_group)  # every importer has closed its mapping
+                self._barrier(collective_group, timeout, "every importer has closed its mapping")
             if not self.captured:
                 self.status = None
                 self.C.ep_free(self.base)
             self.base, self.peers = 0, []
+
+    def _barrier(self, group, timeout, what):
+        try:
+            work = dist.barrier(group=group, async_op=True)
+            ok = work.wait(timeout) if timeout is not None else work.wait()
+            if ok is False:
+                raise RuntimeError("barrier wait returned False")
+        except Exception as e:  # noqa: BLE001 - a vanished peer surfaces as backend-specific errors
+            # keep the mapping (and the exported memory) alive: a peer may still be writing into it
+            self.captured = True
+            self.base, self.peers = 0, []
+            raise EPTimeoutError(f"dsmoe.EPBuffer.close (nvlink): the barrier ({what}) did not complete "
+                                 f"within the timeout ({timeout}): {e}; the buffer's memory stays mapped "
+                                 f"until the process exits") from e
 
 
 def _finalize(mem: _Memory):
@@ -184,7 +203,7 @@ class NVLinkTransport:
         self._finalizer.detach()
         self.peers = []
         self.mem = None
-        self._memory.release(self.buf.group)
+        self._memory.release(self.buf.group, self.buf.timeout)
 
     def _view(self, off, n, dtype=torch.uint8):
         return self.mem[off:off + n * torch.empty((), dtype=dtype).element_size()].view(dtype)
