@@ -309,6 +309,23 @@ def test_decode_step_checks_capacity_before_touching_the_cache():
         m.new_cache(2, -1)
 
 
+def test_decode_step_and_prefill_on_empty_inputs():
+    """B = 0 or s = 0: empty logits, the cache untouched (the decode op itself needs s_q, H >= 1)."""
+    m = DeepseekV3ForCausalLM(DeepseekV3Config(**SMALL), fp8=True).eval()
+    empty = m.new_cache(0, 4)
+    assert m.decode_step(torch.zeros(0, 1, dtype=torch.long), empty).shape == (0, 1, 40)
+    assert m.prefill_with_cache(torch.zeros(0, 3, dtype=torch.long), empty).shape == (0, 3, 40)
+    cache = m.new_cache(2, 6)
+    m.prefill_with_cache(torch.randint(0, 40, (2, 3)), cache)
+    snap = [kv.clone() for kv in cache.kv], cache.seqlens.clone()
+    out = m.decode_step(torch.zeros(2, 0, dtype=torch.long), cache, attention_mask=torch.zeros(2, 0, dtype=torch.long))
+    assert out.shape == (2, 0, 40)
+    assert torch.equal(cache.seqlens, snap[1]) and cache.seqlens.tolist() == [3, 3]
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(cache.kv, snap[0]))
+    # and the cache still continues as before
+    assert m.decode_step(torch.tensor([[1], [2]]), cache).shape == (2, 1, 40) and cache.seqlens.tolist() == [4, 4]
+
+
 def test_labels_follow_the_hf_convention_and_mtp_shifts_by_depth():
     """labels has input_ids' shape and is shifted inside: the main head at t is scored against labels[t+1],
     MTP depth k at t against labels[t+1+k] (V3: module k sees emb(t_{i+k}) and predicts t_{i+k+1});

@@ -124,6 +124,9 @@ class MLA(nn.Module):
         real tokens at the right end of the s_q slots, the op's causal rule (query i sees positions
         ``< seqlen - s_q + i + 1``) is exactly each real token's own prefix."""
         B, s_q, _ = x.shape
+        if B == 0 or s_q == 0:
+            # nothing to append or attend with (the decode op needs s_q, H >= 1); the cache stays as it is
+            return self.o_proj(x.new_zeros(B, s_q, self.nh * self.d_v))
         q_nope, q_rope = self._q(x)
         c, k_rope = self._latent(x)
         il = self.cfg.rope_interleave
