@@ -235,6 +235,32 @@ def test_absent_mtp_weights_load_the_main_model_and_warn_once(tmp_path, n_mtp):
         assert got(ids, return_mtp=True).mtp_logits is None
 
 
+@pytest.mark.parametrize("keep", [0, 1])
+def test_mtp_weights_beyond_the_config_are_skipped_with_a_warning(tmp_path, keep):
+    """config.json asks for fewer MTP modules than the checkpoint holds (e.g. set to 0 to serve without
+    MTP): the extra layers are not loaded, one warning says so (transformers ignores them too)."""
+    import json
+    import warnings
+    m = DeepseekV3ForCausalLM(DeepseekV3Config(**{**CFG, "num_nextn_predict_layers": 2})).eval()
+    m.save_pretrained(tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    c["num_nextn_predict_layers"] = keep
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    mine = [x for x in w if "not loaded" in str(x.message)]
+    L = CFG["num_hidden_layers"]
+    assert len(mine) == 1 and str(list(range(L + keep, L + 2))) in str(mine[0].message), [str(x.message) for x in w]
+    assert got.config.num_nextn_predict_layers == keep and len(got.mtp_layers) == keep
+    ids = torch.randint(0, CFG["vocab_size"], (2, 13))
+    with torch.no_grad():
+        a, b = got(ids, return_mtp=True), m(ids, return_mtp=True)
+        assert torch.equal(a.logits, b.logits)
+        if keep:
+            assert torch.equal(a.mtp_logits[0], b.mtp_logits[0])
+
+
 def test_partial_mtp_weights_are_an_error_naming_the_missing_keys(tmp_path):
     m = DeepseekV3ForCausalLM(DeepseekV3Config(**CFG))
     m.save_pretrained(tmp_path)

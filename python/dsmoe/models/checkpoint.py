@@ -518,6 +518,8 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fp8: bool | None = No
     2. MTP: when the config asks for ``num_nextn_predict_layers`` modules and the checkpoint has no MTP tensor
        at all (transformers never writes them), the model is built without MTP modules, one warning says so
        and ``config.num_nextn_predict_layers`` is 0; a partial set is an error naming the missing keys.
+       Layers past the ``num_hidden_layers + num_nextn_predict_layers`` the config asks for are skipped with
+       one warning (transformers ignores them too).
     3. ``fp8=None``: FP8 linears exactly when the checkpoint is FP8 (``quantization_config`` says fp8 or a
        weight is float8_e4m3fn); True/False wins.
     4. The model is built on the meta device and every key, shape, dtype and weight_scale_inv pairing is
@@ -543,6 +545,15 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fp8: bool | None = No
                       f"checkpoint holds no MTP weights (model.layers.{L}.*); loading without MTP modules "
                       f"(config.num_nextn_predict_layers set to 0)", UserWarning, stacklevel=3)
         cfg = cfg.replace(num_nextn_predict_layers=0)
+    extra = [k for k in meta if (m := _LAYER_RE.match(k)) and int(m.group(1)) >= L + cfg.num_nextn_predict_layers]
+    if extra:
+        # MTP modules the config does not ask for (e.g. num_nextn_predict_layers set to 0 to serve without
+        # MTP): transformers ignores layers past the model too; skip their tensors and say so once.
+        layers = sorted({int(_LAYER_RE.match(k).group(1)) for k in extra})
+        warnings.warn(f"{path}: the checkpoint holds {len(extra)} tensors of layers {layers} beyond the "
+                      f"{L} layers + {cfg.num_nextn_predict_layers} MTP module(s) config.json asks for; "
+                      f"they are not loaded", UserWarning, stacklevel=3)
+        meta = {k: v for k, v in meta.items() if k not in set(extra)}
     has_fp8_weights = any(dt == _FP8 for _, dt in meta.values())
     block = _block(cfg)
     if fp8 is None:
