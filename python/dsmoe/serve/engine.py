@@ -201,6 +201,25 @@ class LLM:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort_request(self, request_id: str) -> bool:
+        """Drops a queued or running request and frees its blocks (a client that went away); False when
+        no unfinished request has that id."""
+        for s in self.waiting:
+            if s.req_id == request_id:
+                self.waiting.remove(s)
+                s.status = _FINISHED
+                return True
+        for s in self.running:
+            if s.req_id == request_id:
+                s.status = _FINISHED
+                self._release(s)
+                return True
+        return False
+
+    def partial_output_ids(self) -> dict[str, list[int]]:
+        """Tokens each unfinished request has generated so far (what a streaming server sends)."""
+        return {s.req_id: list(s.output_ids) for s in self.running + self.waiting}
+
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = False) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs in the order of ``prompts``. Requests already queued
         with :meth:`add_request` advance too (their outputs come from :meth:`step`)."""
