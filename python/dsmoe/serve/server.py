@@ -76,7 +76,8 @@ class EngineLoop:
     def abort(self, rid: str) -> None:
         with self.cv:
             if rid in self.waiters:
-                self.llm.abort_request(rid)
+                if self.llm.abort_request(rid) and self.metrics is not None:
+                    self.metrics.aborted.inc()
                 self.waiters.pop(rid, None)
                 self.sent.pop(rid, None)
 
@@ -133,6 +134,8 @@ class Metrics:
                                          registry=r)
         self.cache_hit_tokens = Counter("dsmoe_prompt_cache_hit_tokens", "prompt tokens served from the prefix cache",
                                         registry=r)
+        self.aborted = Counter("dsmoe_requests_aborted", "requests dropped unfinished (the client went away)",
+                               registry=r)
         self.running = Gauge("dsmoe_num_requests_running", "requests in the running batch", registry=r)
         self.waiting = Gauge("dsmoe_num_requests_waiting", "requests waiting for admission", registry=r)
         self.blocks = Gauge("dsmoe_kv_blocks_in_use", "latent-cache blocks held by requests", registry=r)
