@@ -127,6 +127,7 @@ def test_greedy_completions_equal_llm_generate(client, llm):
     ids = torch.randint(2, 11, (17,), generator=g).tolist()
     sp = SamplingParams(max_tokens=9, temperature=0)
     want = llm.generate(texts + [ids], sp)
+    assert sum(len(w.outputs[0].text) for w in want) > 10, "the check needs completions with text"
     # one string
     r = client.completions.create(model=NAME, prompt=texts[0], max_tokens=9, temperature=0)
     assert r.choices[0].text == want[0].outputs[0].text
@@ -324,3 +325,50 @@ def test_client_disconnect_mid_stream_frees_the_request(server, llm):
     # it never finished: no 200 tokens were counted for it
     assert m[("dsmoe_generation_tokens_total", ())] - before[("dsmoe_generation_tokens_total", ())] < 200
     assert httpx.get(server + "/health").status_code == 200
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} |{% endfor %}"
+
+
+def test_chat_completions_with_a_chat_template(ckpt, tmp_path):
+    # the same weights with a chat template in the tokenizer config, served in-process (TestClient runs the
+    # app's lifespan, so the engine thread is the server's own)
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    from dsmoe.serve.server import build_app
+
+    path = str(tmp_path / "chat")
+    shutil.copytree(ckpt, path)
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = CHAT_TEMPLATE
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(path, device="cpu")
+        ref = LLM(path, device="cpu")
+        msgs = [{"role": "user", "content": "3 1 4 1"}, {"role": "user", "content": "5 2"}]
+        ids = ref.tokenizer.encode("<s> 3 1 4 1 |<s> 5 2 |", add_special_tokens=False)
+        (want,) = ref.generate([ids], SamplingParams(max_tokens=8, temperature=0))
+        assert want.outputs[0].text, "the check needs a non-empty completion"
+        with TestClient(build_app(llm, "chat")) as tc:
+            c = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=tc, max_retries=0)
+            r = c.chat.completions.create(model="chat", messages=msgs, max_tokens=8, temperature=0)
+            assert r.choices[0].message.role == "assistant"
+            assert r.choices[0].message.content == want.outputs[0].text
+            assert r.choices[0].finish_reason == want.outputs[0].finish_reason
+            _check_usage(r.usage, len(ids), len(want.outputs[0].token_ids))
+            chunks = list(c.chat.completions.create(model="chat", messages=msgs, max_tokens=8, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want.outputs[0].text
+            assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.prompt_tokens == len(ids)
+            with pytest.raises(openai.BadRequestError):
+                c.chat.completions.create(model="chat", messages=[], max_tokens=8)
+            with pytest.raises(openai.BadRequestError):
+                c.chat.completions.create(model="chat", messages=msgs, max_tokens=8, top_p=2)
+    finally:
+        torch.set_num_threads(n)

@@ -35,8 +35,11 @@ def main(argv=None) -> int:
 
         return generate_main(argv[1:])
     if argv and argv[0] == "serve":  # its own parser: `dsmoe serve --help`
-        from .serve.server import main as serve_main
-
+        try:
+            from .serve.server import main as serve_main
+        except ImportError as e:
+            print(f"dsmoe serve: needs the serve extra (pip install 'dsmoe[serve]'): {e}", file=sys.stderr)
+            return 1
         return serve_main(argv[1:])
     p = ArgumentParser(prog="dsmoe", description=__doc__)
     p.add_argument("--version", action=_Version)

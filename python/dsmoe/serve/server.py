@@ -17,6 +17,8 @@ import time
 import uuid
 from typing import List, Optional, Union
 
+import prometheus_client  # noqa: F401  (the serve extra: a missing one fails at import, with a hint)
+import uvicorn  # noqa: F401
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 __all__ = ["main", "build_app", "EngineLoop"]
@@ -527,7 +529,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     import torch
-    import uvicorn
 
     from . import LLM
 
