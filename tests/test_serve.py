@@ -424,3 +424,35 @@ def test_fp8_latent_cache():
         assert o.outputs[0].token_ids == toks
     with pytest.raises(ValueError, match="argument 'kv_cache_dtype'"):
         LLM(_model(), kv_cache_dtype="fp8")
+
+
+def test_logprobs_equal_the_full_forward(model):
+    """Returned log-probabilities are the model's own (log-softmax of the raw logits): the full forward over
+    prompt + output gives them too (within the bf16 latent cache's rounding), with and without MTP
+    verification supplying the logits rows."""
+    prompts = _prompts([7, 30, 1])
+    for spec in (None, "mtp"):
+        llm = LLM(model, max_model_len=256, speculative=spec)
+        outs = llm.generate(prompts, [SamplingParams(max_tokens=6, logprobs=3, **GREEDY),
+                                      SamplingParams(max_tokens=5, logprobs=0, temperature=0.7, seed=3),
+                                      SamplingParams(max_tokens=4, **GREEDY)])
+        assert outs[2].outputs[0].logprobs is None
+        for p, o, k in zip(prompts[:2], outs[:2], (3, 0)):
+            c = o.outputs[0]
+            assert len(c.logprobs) == len(c.token_ids)
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([p + c.token_ids])).logits[0].double(), -1)
+            for j, (t, (tl, top)) in enumerate(zip(c.token_ids, c.logprobs)):
+                ref = lp[len(p) - 1 + j]
+                assert abs(tl - float(ref[t])) < 2e-2, (spec, j, tl, float(ref[t]))
+                assert len(top) == k
+                if k:
+                    assert top[0][0] == t                      # greedy: the sampled token is the most likely
+                    vals = [v for _, v in top]
+                    assert vals == sorted(vals, reverse=True)
+                    assert all(abs(v - float(ref[i])) < 2e-2 for i, v in top)
+                    torch.testing.assert_close(torch.tensor(vals, dtype=torch.float64), ref.topk(k).values,
+                                               atol=2e-2, rtol=0)
+    for bad in (-1, 21, 1.5, True):
+        with pytest.raises(ValueError, match="logprobs"):
+            SamplingParams(logprobs=bad)

@@ -47,11 +47,18 @@ class _Sequence:
         self.finish_reason = self.stop_reason = None
         self.text = ""
         self.num_draft = self.num_accepted = self.num_forwards = 0
+        self.logprobs: list = []
         self.admitted_at = -1
 
     @property
     def output_ids(self) -> list[int]:
         return self.tokens[self.num_prompt:]
+
+
+def _logprob_entry(logits: torch.Tensor, token: int, k: int):
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    top = torch.topk(lp, min(k, lp.numel())) if k else None
+    return float(lp[token]), ([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
 
 
 class LLM:
@@ -396,17 +403,21 @@ class LLM:
                 self.stats["accepted_tokens"] += a
                 s.num_computed = c + 1 + a
                 used = a + 1
+                rows = lg        # row j of the verify logits gave emitted token j
             else:
                 if s.prefilling:
                     self.stats["prefill_tokens_computed"] += m
                 s.num_computed = c + m
                 used = m
                 emitted = []
+                rows = lg[-1:]
                 if s.num_computed == len(s.tokens):
                     emitted = [sample_token(lg[-1], s.params, s.gen)[0]]
                     s.prefilling = False
             s.drafts, s.draft_probs = [], []
-            for t in emitted:
+            for j, t in enumerate(emitted):
+                if s.params.logprobs is not None:
+                    s.logprobs.append(_logprob_entry(rows[j], t, s.params.logprobs))
                 self._append(s, t)
                 if s.status == _FINISHED:
                     break
@@ -501,7 +512,8 @@ class LLM:
 
     def _output(self, s: _Sequence) -> RequestOutput:
         return RequestOutput(request_id=s.req_id, prompt=s.prompt, prompt_token_ids=s.tokens[: s.num_prompt],
-                             outputs=[CompletionOutput(0, s.text, list(s.output_ids), s.finish_reason, s.stop_reason)],
+                             outputs=[CompletionOutput(0, s.text, list(s.output_ids), s.finish_reason, s.stop_reason,
+                                                       list(s.logprobs) if s.params.logprobs is not None else None)],
                              finished=True, num_cached_tokens=s.num_cached_tokens or 0,
                              num_draft_tokens=s.num_draft, num_accepted_tokens=s.num_accepted,
                              num_forward_passes=s.num_forwards)

@@ -20,7 +20,9 @@ class SamplingParams:
     request's own generator (``seed``: same seed, same output whatever else is in the batch).
     ``stop``: strings that end the completion (not included in the text; needs a tokenizer);
     ``stop_token_ids``: ids that end it (kept in ``token_ids``); the model's EOS ends it unless
-    ``ignore_eos``. ``max_tokens``: at most this many new tokens."""
+    ``ignore_eos``. ``max_tokens``: at most this many new tokens. ``logprobs``: None, or return each generated
+    token's log-probability and the ``logprobs`` most likely alternatives (0..20) under the model's own
+    distribution (log-softmax of the raw logits, before temperature / top-k / top-p)."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -29,6 +31,7 @@ class SamplingParams:
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         self.validate()
@@ -56,6 +59,8 @@ class SamplingParams:
         if self.stop_token_ids is not None and (not isinstance(self.stop_token_ids, (list, tuple)) or
                                                 not all(_is_int(i) and i >= 0 for i in self.stop_token_ids)):
             bad("stop_token_ids", "None or a list of token ids >= 0", self.stop_token_ids)
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", "None or an int in [0, 20]", self.logprobs)
         return self
 
 
@@ -66,6 +71,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None      # "stop" (EOS, a stop id or string) or "length"
     stop_reason: int | str | None = None  # the stop id or string that ended it (None for EOS / length)
+    # with SamplingParams.logprobs: per token, (its log-probability, [(id, log-probability)] top ones first)
+    logprobs: list | None = None
 
 
 @dataclass
