@@ -145,6 +145,29 @@ def test_greedy_completions_equal_llm_generate(client, llm):
     _check_usage(r.usage, 17, len(want[3].outputs[0].token_ids))
 
 
+def test_logprobs_are_the_models(client, llm, ckpt):
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(2, 11, (12,), generator=g).tolist()
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=7, temperature=0, logprobs=3)
+    (want,) = llm.generate([ids], SamplingParams(max_tokens=7, temperature=0, logprobs=3))
+    c, w = r.choices[0], want.outputs[0]
+    assert c.text == w.text and len(c.logprobs.token_logprobs) == len(w.token_ids)
+    assert c.logprobs.tokens == [llm.tokenizer.decode([t]) for t in w.token_ids]
+    torch.testing.assert_close(torch.tensor(c.logprobs.token_logprobs, dtype=torch.float64),
+                               torch.tensor([lp for lp, _ in w.logprobs], dtype=torch.float64), atol=1e-4, rtol=0)
+    # and the full forward of the checkpoint's model over prompt + output (the bf16 latent cache rounds)
+    with torch.no_grad():
+        lp = torch.log_softmax(llm.model(torch.tensor([ids + w.token_ids])).logits[0].double(), -1)
+    ref = [float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(w.token_ids)]
+    torch.testing.assert_close(torch.tensor(c.logprobs.token_logprobs, dtype=torch.float64),
+                               torch.tensor(ref, dtype=torch.float64), atol=2e-2, rtol=0)
+    for j, top in enumerate(c.logprobs.top_logprobs):
+        assert len(top) <= 3 and max(top, key=top.get) == c.logprobs.tokens[j]    # greedy: the top one
+    assert c.logprobs.text_offset[0] == 0 and c.logprobs.text_offset == sorted(c.logprobs.text_offset)
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=3, temperature=0)
+    assert r.choices[0].logprobs is None
+
+
 def test_seeded_sampling_and_n_equal_llm_generate(client, llm):
     g = torch.Generator().manual_seed(2)
     p = _text_prompt(6, g)
@@ -258,6 +281,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
         ({**ok, "n": 0}, 400, "n"),
         ({"prompt": "1"}, 400, "model"),
         ({**ok, "echo": True}, 400, "echo"),
+        ({**ok, "logprobs": 21}, 400, "logprobs"),
+        ({**ok, "logprobs": True}, 400, "logprobs"),
+        ({**ok, "logprobs": 2, "stream": True}, 400, "logprobs"),
     ]
     for body, status, param in cases:
         r = httpx.post(url, json=body, timeout=30)
@@ -368,6 +394,17 @@ def test_chat_completions_with_a_chat_template(ckpt, tmp_path):
             assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.prompt_tokens == len(ids)
             with pytest.raises(openai.BadRequestError):
                 c.chat.completions.create(model="chat", messages=[], max_tokens=8)
+            r = c.chat.completions.create(model="chat", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+            (wl,) = ref.generate([ids], SamplingParams(max_tokens=8, temperature=0, logprobs=2))
+            got = r.choices[0].logprobs.content
+            assert [e.token for e in got] == [ref.tokenizer.decode([t]) for t in wl.outputs[0].token_ids]
+            torch.testing.assert_close(torch.tensor([e.logprob for e in got], dtype=torch.float64),
+                                       torch.tensor([v for v, _ in wl.outputs[0].logprobs], dtype=torch.float64),
+                                       atol=1e-6, rtol=0)
+            assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in got)
+            with pytest.raises(openai.BadRequestError):
+                c.chat.completions.create(model="chat", messages=msgs, max_tokens=8, top_logprobs=2)
             with pytest.raises(openai.BadRequestError):
                 c.chat.completions.create(model="chat", messages=msgs, max_tokens=8, top_p=2)
     finally:

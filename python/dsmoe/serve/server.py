@@ -192,6 +192,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: List[ChatMessage]
+    top_logprobs: Optional[StrictInt] = None
     max_completion_tokens: Optional[StrictInt] = None
 
 
@@ -273,7 +274,7 @@ def build_app(llm, model_name: str):
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ---------------------------------------------------------------- shared request handling
-    def _check_common(req, max_tokens, prompt_lens):
+    def _check_common(req, max_tokens, prompt_lens, logprobs=None):
         if req.model != model_name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{model_name}'",
                            "model", code="model_not_found")
@@ -283,8 +284,6 @@ def build_app(llm, model_name: str):
             raise APIError(400, f"'temperature' must be in [0, 2], got {req.temperature}", "temperature")
         if req.top_p is not None and not 0 < req.top_p <= 1:
             raise APIError(400, f"'top_p' must be in (0, 1], got {req.top_p}", "top_p")
-        if req.logprobs not in (None, False, 0):
-            raise APIError(400, "'logprobs' is not supported by this server yet", "logprobs")
         if max_tokens is not None and max_tokens <= 0:
             raise APIError(400, f"'max_tokens' must be >= 1, got {max_tokens}", "max_tokens")
         longest = max(prompt_lens)
@@ -305,7 +304,8 @@ def build_app(llm, model_name: str):
             seed = None if req.seed is None else req.seed + i
             try:
                 return SamplingParams(max_tokens=mt, temperature=1.0 if req.temperature is None else float(req.temperature),
-                                      top_p=1.0 if req.top_p is None else float(req.top_p), seed=seed, stop=stop)
+                                      top_p=1.0 if req.top_p is None else float(req.top_p), seed=seed, stop=stop,
+                                      logprobs=logprobs)
             except ValueError as e:
                 raise APIError(400, str(e)) from None
         return params
@@ -329,6 +329,28 @@ def build_app(llm, model_name: str):
                                f"outside the vocabulary)", "prompt")
             out.append(ids)
         return out
+
+    def _tok(i: int) -> str:
+        return llm.tokenizer.decode([i]) if llm.tokenizer is not None else str(i)
+
+    def _completion_logprobs(c):
+        if c.logprobs is None:
+            return None
+        ids = c.token_ids
+        offsets = [len(llm.tokenizer.decode(ids[:j], skip_special_tokens=True)) if llm.tokenizer is not None else 0
+                   for j in range(len(ids))]
+        return {"tokens": [_tok(t) for t in ids], "token_logprobs": [lp for lp, _ in c.logprobs],
+                "top_logprobs": [{_tok(i): v for i, v in top} for _, top in c.logprobs], "text_offset": offsets}
+
+    def _chat_logprobs(c):
+        if c.logprobs is None:
+            return None
+
+        def entry(i, v):
+            t = _tok(i)
+            return {"token": t, "logprob": v, "bytes": list(t.encode())}
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
+                            for t, (lp, top) in zip(c.token_ids, c.logprobs)]}
 
     def _usage(outs_by_prompt) -> dict:
         prompt = sum(len(o[0].prompt_token_ids) for o in outs_by_prompt)
@@ -431,6 +453,11 @@ def build_app(llm, model_name: str):
     async def completions(req: CompletionRequest):
         if req.echo:
             raise APIError(400, "'echo' is not supported (only false)", "echo")
+        lp = req.logprobs
+        if lp is not None and (isinstance(lp, bool) or not 0 <= lp <= 20):
+            raise APIError(400, f"'logprobs' must be an int in [0, 20], got {lp!r}", "logprobs")
+        if lp is not None and req.stream:
+            raise APIError(400, "'logprobs' with 'stream' is not supported yet", "logprobs")
         p = req.prompt
         if isinstance(p, str):
             prompts = [p]
@@ -442,7 +469,8 @@ def build_app(llm, model_name: str):
             prompts = list(p)
         ids_list = _tokenize(prompts)
         # the OpenAI default for completions is 16 tokens
-        params = _check_common(req, req.max_tokens if req.max_tokens is not None else 16, [len(x) for x in ids_list])
+        params = _check_common(req, req.max_tokens if req.max_tokens is not None else 16, [len(x) for x in ids_list],
+                               lp)
         expanded = [ids for ids in ids_list for _ in range(req.n)]
         subs = _submit_all(expanded, lambda i, n_prompt: params(i % req.n, n_prompt), req.stream)
         cid = f"cmpl-{uuid.uuid4().hex}"
@@ -460,7 +488,7 @@ def build_app(llm, model_name: str):
             return _stream(subs, req.n, chunk, uchunk, inc, stop, None)
         outs = await _collect(subs)
         by_prompt = [outs[i * req.n:(i + 1) * req.n] for i in range(len(ids_list))]
-        choices = [{"index": i, "text": o.outputs[0].text, "logprobs": None,
+        choices = [{"index": i, "text": o.outputs[0].text, "logprobs": _completion_logprobs(o.outputs[0]),
                     "finish_reason": o.outputs[0].finish_reason} for i, o in enumerate(outs)]
         return {"id": cid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
                 "usage": _count(by_prompt)}
@@ -482,7 +510,16 @@ def build_app(llm, model_name: str):
             raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from None
         ids_list = _tokenize([list(ids)])
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = _check_common(req, mt, [len(ids_list[0])])
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):
+            raise APIError(400, f"'logprobs' must be a boolean for chat completions, got {req.logprobs!r}", "logprobs")
+        tl = req.top_logprobs
+        if tl is not None and not 0 <= tl <= 20:
+            raise APIError(400, f"'top_logprobs' must be an int in [0, 20], got {tl}", "top_logprobs")
+        if tl is not None and not req.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if req.logprobs and req.stream:
+            raise APIError(400, "'logprobs' with 'stream' is not supported yet", "logprobs")
+        params = _check_common(req, mt, [len(ids_list[0])], (tl or 0) if req.logprobs else None)
         subs = _submit_all([ids_list[0]] * req.n, params, req.stream)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
@@ -504,7 +541,8 @@ def build_app(llm, model_name: str):
             inc = bool(req.stream_options and req.stream_options.include_usage)
             return _stream(subs, req.n, chunk, uchunk, inc, stop, None)
         outs = await _collect(subs)
-        choices = [{"index": i, "message": {"role": "assistant", "content": o.outputs[0].text}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": o.outputs[0].text},
+                    "logprobs": _chat_logprobs(o.outputs[0]),
                     "finish_reason": o.outputs[0].finish_reason} for i, o in enumerate(outs)]
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_name, "choices": choices,
                 "usage": _count([outs])}
