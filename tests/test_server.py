@@ -60,43 +60,58 @@ def llm(ckpt):
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
+def _start(ckpt, log, *extra):
     port = _free_port()
-    log = tmp_path_factory.mktemp("log") / "server.log"
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(dsmoe.__file__)), OMP_NUM_THREADS="1")
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "dsmoe", "serve", ckpt, "--port", str(port),
-                                 "--served-model-name", NAME, "--speculative", "mtp", "--device", "cpu"],
+                                 "--served-model-name", NAME, "--device", "cpu", *extra],
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
     try:
-        deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, f"dsmoe serve exited early:\n{log.read_text()}"
             try:
                 if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
+                    return proc, base
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, f"dsmoe serve did not come up:\n{log.read_text()}"
             time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _stop(proc, log, sig):
+    """Sends ``sig`` and checks a clean exit (uvicorn finishes its shutdown, then re-raises the signal it
+    caught, as processes conventionally report one)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"dsmoe serve did not stop on {sig!r}:\n{log.read_text()}")
+    text = log.read_text()
+    assert proc.returncode in (0, -sig), text
+    assert "Application shutdown complete" in text and "Finished server process" in text, text
+    assert "Traceback" not in text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    proc, base = _start(ckpt, log, "--speculative", "mtp")
+    try:
         yield base
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                pytest.fail(f"dsmoe serve did not stop on SIGTERM:\n{log.read_text()}")
-    text = log.read_text()
-    # clean shutdown on SIGTERM (uvicorn finishes its shutdown, then re-raises the signal it caught, as
-    # processes conventionally report one); one log line per request
-    assert proc.returncode in (0, -signal.SIGTERM), text
-    assert "Finished server process" in text and "Traceback" not in text, text
-    assert "Application shutdown complete" in text and "POST /v1/completions 200" in text
+        text = _stop(proc, log, signal.SIGTERM)
+    assert "POST /v1/completions 200" in text       # one log line per request
 
 
 @pytest.fixture(scope="module")
@@ -409,3 +424,43 @@ def test_chat_completions_with_a_chat_template(ckpt, tmp_path):
                 c.chat.completions.create(model="chat", messages=msgs, max_tokens=8, top_p=2)
     finally:
         torch.set_num_threads(n)
+
+
+def test_sigint_with_a_request_in_flight_shuts_down_cleanly(ckpt, llm, tmp_path):
+    g = torch.Generator().manual_seed(10)
+    for _ in range(20):     # a completion long enough to be in flight when the signal comes
+        p = _text_prompt(4, g)
+        if llm.generate([p], SamplingParams(max_tokens=240, temperature=0))[0].outputs[0].finish_reason == "length":
+            break
+    else:
+        pytest.fail("no prompt without an early EOS")
+    log = tmp_path / "server.log"
+    proc, base = _start(ckpt, log)
+    got = {}
+    first = threading.Event()
+
+    def stream():
+        text = []
+        try:
+            with httpx.stream("POST", base + "/v1/completions", timeout=60,
+                              json={"model": NAME, "prompt": p, "max_tokens": 240, "temperature": 0,
+                                    "stream": True}) as r:
+                for ln in r.iter_lines():
+                    if ln.startswith("data: "):
+                        first.set()
+                        text.append(ln)
+        except httpx.HTTPError as e:
+            got["error"] = e
+        finally:
+            first.set()
+            got["lines"] = text
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(60)
+    t0 = time.monotonic()
+    _stop(proc, log, signal.SIGINT)
+    t.join(30)
+    assert not t.is_alive() and time.monotonic() - t0 < 20
+    # the client got either the whole stream or a cut one, never a hang
+    assert got["lines"]
