@@ -183,6 +183,57 @@ def test_logprobs_are_the_models(client, llm, ckpt):
     assert r.choices[0].logprobs is None
 
 
+def test_streamed_logprobs_concatenate_to_the_non_streamed_ones(client):
+    g = torch.Generator().manual_seed(11)
+    for kw in ({"temperature": 0}, {"temperature": 0.9, "seed": 5, "n": 2}):
+        ids = torch.randint(2, 11, (9,), generator=g).tolist()
+        full = client.completions.create(model=NAME, prompt=ids, max_tokens=12, logprobs=2, **kw)
+        chunks = [c for c in client.completions.create(model=NAME, prompt=ids, max_tokens=12, logprobs=2, stream=True,
+                                                       **kw) if c.choices]
+        for i, want in enumerate(full.choices):
+            mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+            assert sum(len(c.logprobs.tokens) > 0 for c in mine) >= 2     # spread over chunks, not one final one
+            assert "".join(c.text for c in mine) == want.text
+            def cat(field):
+                return [x for c in mine for x in getattr(c.logprobs, field)]
+            assert cat("tokens") == want.logprobs.tokens and cat("text_offset") == want.logprobs.text_offset
+            # the values only up to rounding: the two requests ran in differently shaped batches
+            torch.testing.assert_close(torch.tensor(cat("token_logprobs"), dtype=torch.float64),
+                                       torch.tensor(want.logprobs.token_logprobs, dtype=torch.float64),
+                                       atol=1e-5, rtol=0)
+            tops = cat("top_logprobs")
+            assert [list(t) for t in tops] == [list(t) for t in want.logprobs.top_logprobs]
+            torch.testing.assert_close(torch.tensor([v for t in tops for v in t.values()], dtype=torch.float64),
+                                       torch.tensor([v for t in want.logprobs.top_logprobs for v in t.values()],
+                                                    dtype=torch.float64), atol=1e-5, rtol=0)
+            assert len(want.logprobs.tokens) == 12 or want.finish_reason == "stop"
+
+
+def test_client_disconnect_mid_request_frees_it(server, llm):
+    g = torch.Generator().manual_seed(8)
+    for _ in range(20):     # a prompt whose greedy completion runs to the length limit (no early EOS)
+        p = _text_prompt(4, g)
+        (w,) = llm.generate([p], SamplingParams(max_tokens=200, temperature=0))
+        if w.outputs[0].finish_reason == "length":
+            break
+    else:
+        pytest.fail("no prompt without an early EOS")
+    before = _metrics(server)
+    with pytest.raises(httpx.ReadTimeout):     # a non-streaming request the client gives up on
+        httpx.post(server + "/v1/completions", timeout=httpx.Timeout(60, read=0.5),
+                   json={"model": NAME, "prompt": p, "max_tokens": 200, "temperature": 0})
+    deadline = time.monotonic() + 20
+    while True:
+        m = _metrics(server)
+        if (m[("dsmoe_requests_aborted_total", ())] > before.get(("dsmoe_requests_aborted_total", ()), 0)
+                and m[("dsmoe_kv_blocks_in_use", ())] == 0 and m[("dsmoe_num_requests_running", ())] == 0):
+            break
+        assert time.monotonic() < deadline, m
+        time.sleep(0.1)
+    assert m[("dsmoe_generation_tokens_total", ())] - before[("dsmoe_generation_tokens_total", ())] < 200
+    assert httpx.get(server + "/health").status_code == 200
+
+
 def test_seeded_sampling_and_n_equal_llm_generate(client, llm):
     g = torch.Generator().manual_seed(2)
     p = _text_prompt(6, g)
@@ -298,7 +349,6 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
         ({**ok, "echo": True}, 400, "echo"),
         ({**ok, "logprobs": 21}, 400, "logprobs"),
         ({**ok, "logprobs": True}, 400, "logprobs"),
-        ({**ok, "logprobs": 2, "stream": True}, 400, "logprobs"),
     ]
     for body, status, param in cases:
         r = httpx.post(url, json=body, timeout=30)
@@ -418,6 +468,11 @@ def test_chat_completions_with_a_chat_template(ckpt, tmp_path):
                                        torch.tensor([v for v, _ in wl.outputs[0].logprobs], dtype=torch.float64),
                                        atol=1e-6, rtol=0)
             assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in got)
+            chunks = [ch for ch in c.chat.completions.create(model="chat", messages=msgs, max_tokens=8, temperature=0,
+                                                             logprobs=True, top_logprobs=2, stream=True) if ch.choices]
+            streamed = [e for ch in chunks if ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+            assert [e.model_dump() for e in streamed] == [e.model_dump() for e in got]
+            assert sum(bool(ch.choices[0].logprobs and ch.choices[0].logprobs.content) for ch in chunks) >= 2
             with pytest.raises(openai.BadRequestError):
                 c.chat.completions.create(model="chat", messages=msgs, max_tokens=8, top_logprobs=2)
             with pytest.raises(openai.BadRequestError):

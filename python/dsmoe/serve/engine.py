@@ -227,6 +227,11 @@ class LLM:
         """Tokens each unfinished request has generated so far (what a streaming server sends)."""
         return {s.req_id: list(s.output_ids) for s in self.running + self.waiting}
 
+    def partial_logprobs(self) -> dict[str, list]:
+        """The logprobs entries recorded so far for each unfinished request that asked for them (aligned
+        with :meth:`partial_output_ids`)."""
+        return {s.req_id: list(s.logprobs) for s in self.running + self.waiting if s.params.logprobs is not None}
+
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = False) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs in the order of ``prompts``. Requests already queued
         with :meth:`add_request` advance too (their outputs come from :meth:`step`)."""

@@ -19,11 +19,13 @@ from typing import List, Optional, Union
 
 import prometheus_client  # noqa: F401  (the serve extra: a missing one fails at import, with a hint)
 import uvicorn  # noqa: F401
+from fastapi import Request    # module level: FastAPI resolves the handlers' (string) annotations here
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 __all__ = ["main", "build_app", "EngineLoop"]
 
 log = logging.getLogger("dsmoe.serve")
+DISCONNECT_POLL_S = 0.25     # a pause between reads of a connection that sends more than its body
 
 
 class APIError(Exception):
@@ -114,12 +116,12 @@ class EngineLoop:
                     self.sent.pop(o.request_id, None)
                 streaming = [r for r, w in self.waiters.items() if w[2]]
                 if streaming:
-                    part = self.llm.partial_output_ids()
+                    part, lps = self.llm.partial_output_ids(), self.llm.partial_logprobs()
                     for rid in streaming:
                         ids = part.get(rid)
                         if ids is not None and len(ids) > self.sent.get(rid, 0):
                             self.sent[rid] = len(ids)
-                            self._post(rid, ("delta", ids))
+                            self._post(rid, ("delta", (ids, lps.get(rid))))
                 if self.metrics is not None:
                     self.metrics.observe_engine(self.llm)
 
@@ -197,7 +199,7 @@ class ChatRequest(_Common):
 
 
 def build_app(llm, model_name: str):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -333,24 +335,25 @@ def build_app(llm, model_name: str):
     def _tok(i: int) -> str:
         return llm.tokenizer.decode([i]) if llm.tokenizer is not None else str(i)
 
-    def _completion_logprobs(c):
-        if c.logprobs is None:
+    def _completion_logprobs(ids, lps, a=0, b=None):
+        """Tokens ``a:b`` of a completion (a streamed chunk's share); offsets count from the completion's start."""
+        if lps is None:
             return None
-        ids = c.token_ids
+        b = len(ids) if b is None else b
         offsets = [len(llm.tokenizer.decode(ids[:j], skip_special_tokens=True)) if llm.tokenizer is not None else 0
-                   for j in range(len(ids))]
-        return {"tokens": [_tok(t) for t in ids], "token_logprobs": [lp for lp, _ in c.logprobs],
-                "top_logprobs": [{_tok(i): v for i, v in top} for _, top in c.logprobs], "text_offset": offsets}
+                   for j in range(a, b)]
+        return {"tokens": [_tok(t) for t in ids[a:b]], "token_logprobs": [lp for lp, _ in lps[a:b]],
+                "top_logprobs": [{_tok(i): v for i, v in top} for _, top in lps[a:b]], "text_offset": offsets}
 
-    def _chat_logprobs(c):
-        if c.logprobs is None:
+    def _chat_logprobs(ids, lps, a=0, b=None):
+        if lps is None:
             return None
 
         def entry(i, v):
             t = _tok(i)
             return {"token": t, "logprob": v, "bytes": list(t.encode())}
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
-                            for t, (lp, top) in zip(c.token_ids, c.logprobs)]}
+                            for t, (lp, top) in zip(ids[a:b], lps[a:b])]}
 
     def _usage(outs_by_prompt) -> dict:
         prompt = sum(len(o[0].prompt_token_ids) for o in outs_by_prompt)
@@ -366,18 +369,32 @@ def build_app(llm, model_name: str):
         metrics.cache_hit_tokens.inc(u["prompt_cache_hit_tokens"])
         return u
 
-    async def _collect(subs):
+    async def _until_disconnect(request: Request):
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    async def _collect(subs, request: Request):
+        # nothing cancels a non-streaming handler when its client hangs up: a watcher on the connection
+        # (Request.is_disconnected loses the message inside the logging middleware) ends the wait, and the
+        # finally below frees the blocks of a request nobody will read
+        gone = asyncio.ensure_future(_until_disconnect(request))
         outs = []
         try:
             for rid, q in subs:
                 while True:
-                    kind, val = await q.get()
+                    get = asyncio.ensure_future(q.get())
+                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        get.cancel()
+                        raise APIError(499, "the client closed the request", type_="client_closed")
+                    kind, val = get.result()
                     if kind == "done":
                         outs.append(val)
                         break
                     if kind == "error":
                         raise APIError(500, val, type_="server_error")
         finally:
+            gone.cancel()
             for rid, _ in subs:
                 engine.abort(rid)     # no-op for finished ones; frees blocks when the client went away
         return outs
@@ -416,6 +433,7 @@ def build_app(llm, model_name: str):
                         return
             tasks = [asyncio.create_task(pump(i, q)) for i, (_, q) in enumerate(subs)]
             sent_text = [""] * len(subs)
+            sent_tok = [0] * len(subs)
             done: dict[int, object] = {}
             try:
                 while len(done) < len(subs):
@@ -424,18 +442,23 @@ def build_app(llm, model_name: str):
                         yield f"data: {json.dumps(_error_body(val, 'server_error'))}\n\n"
                         return
                     if kind == "delta":
-                        text = _delta_text(val, False, stop)
+                        ids, lps = val
+                        text = _delta_text(ids, False, stop)
                         finish = None
                     else:
                         done[idx] = val
+                        ids, lps = val.outputs[0].token_ids, val.outputs[0].logprobs
                         text, finish = val.outputs[0].text, val.outputs[0].finish_reason
                     if llm.tokenizer is not None and text.startswith(sent_text[idx]):
                         delta = text[len(sent_text[idx]):]
                     else:
                         delta = ""
-                    if delta or finish:
+                    # a chunk carries the logprobs of the tokens since the previous chunk, so new tokens
+                    # get a chunk even when their text is held back (a partial stop string, no tokenizer)
+                    if delta or finish or (lps is not None and len(ids) > sent_tok[idx]):
                         sent_text[idx] = sent_text[idx] + delta
-                        yield f"data: {json.dumps(make_chunk(idx, delta, finish))}\n\n"
+                        a, sent_tok[idx] = sent_tok[idx], len(ids)
+                        yield f"data: {json.dumps(make_chunk(idx, delta, finish, ids, lps, a))}\n\n"
                 if include_usage:
                     by_prompt = [[done[p * n + j] for j in range(n)] for p in range(len(subs) // n)]
                     yield f"data: {json.dumps(usage_chunk(_count(by_prompt)))}\n\n"
@@ -450,14 +473,12 @@ def build_app(llm, model_name: str):
         return StreamingResponse(gen(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         if req.echo:
             raise APIError(400, "'echo' is not supported (only false)", "echo")
         lp = req.logprobs
         if lp is not None and (isinstance(lp, bool) or not 0 <= lp <= 20):
             raise APIError(400, f"'logprobs' must be an int in [0, 20], got {lp!r}", "logprobs")
-        if lp is not None and req.stream:
-            raise APIError(400, "'logprobs' with 'stream' is not supported yet", "logprobs")
         p = req.prompt
         if isinstance(p, str):
             prompts = [p]
@@ -477,24 +498,25 @@ def build_app(llm, model_name: str):
         now = int(time.time())
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or None)
         if req.stream:
-            def chunk(idx, text, finish):
+            def chunk(idx, text, finish, ids, lps, a):
                 return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                        "choices": [{"index": idx, "text": text, "logprobs": None, "finish_reason": finish}]}
+                        "choices": [{"index": idx, "text": text, "logprobs": _completion_logprobs(ids, lps, a),
+                                     "finish_reason": finish}]}
 
             def uchunk(u):
                 return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
                         "choices": [], "usage": u}
             inc = bool(req.stream_options and req.stream_options.include_usage)
             return _stream(subs, req.n, chunk, uchunk, inc, stop, None)
-        outs = await _collect(subs)
+        outs = await _collect(subs, request)
         by_prompt = [outs[i * req.n:(i + 1) * req.n] for i in range(len(ids_list))]
-        choices = [{"index": i, "text": o.outputs[0].text, "logprobs": _completion_logprobs(o.outputs[0]),
+        choices = [{"index": i, "text": o.outputs[0].text, "logprobs": _completion_logprobs(o.outputs[0].token_ids, o.outputs[0].logprobs),
                     "finish_reason": o.outputs[0].finish_reason} for i, o in enumerate(outs)]
         return {"id": cid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
                 "usage": _count(by_prompt)}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         tok = llm.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, f"The model '{model_name}' has no chat template in its tokenizer; use /v1/completions",
@@ -517,8 +539,6 @@ def build_app(llm, model_name: str):
             raise APIError(400, f"'top_logprobs' must be an int in [0, 20], got {tl}", "top_logprobs")
         if tl is not None and not req.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        if req.logprobs and req.stream:
-            raise APIError(400, "'logprobs' with 'stream' is not supported yet", "logprobs")
         params = _check_common(req, mt, [len(ids_list[0])], (tl or 0) if req.logprobs else None)
         subs = _submit_all([ids_list[0]] * req.n, params, req.stream)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -527,22 +547,23 @@ def build_app(llm, model_name: str):
         if req.stream:
             first = set()
 
-            def chunk(idx, text, finish):
+            def chunk(idx, text, finish, ids, lps, a):
                 delta = {"content": text} if text else {}
                 if idx not in first:
                     first.add(idx)
                     delta = {"role": "assistant", **delta}
                 return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                        "choices": [{"index": idx, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                        "choices": [{"index": idx, "delta": delta, "logprobs": _chat_logprobs(ids, lps, a),
+                                     "finish_reason": finish}]}
 
             def uchunk(u):
                 return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                         "choices": [], "usage": u}
             inc = bool(req.stream_options and req.stream_options.include_usage)
             return _stream(subs, req.n, chunk, uchunk, inc, stop, None)
-        outs = await _collect(subs)
+        outs = await _collect(subs, request)
         choices = [{"index": i, "message": {"role": "assistant", "content": o.outputs[0].text},
-                    "logprobs": _chat_logprobs(o.outputs[0]),
+                    "logprobs": _chat_logprobs(o.outputs[0].token_ids, o.outputs[0].logprobs),
                     "finish_reason": o.outputs[0].finish_reason} for i, o in enumerate(outs)]
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_name, "choices": choices,
                 "usage": _count([outs])}
