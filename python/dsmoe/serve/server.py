@@ -383,9 +383,12 @@ def build_app(llm, model_name: str):
             for rid, q in subs:
                 while True:
                     get = asyncio.ensure_future(q.get())
-                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-                    if not get.done():
-                        get.cancel()
+                    try:
+                        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        if not get.done():
+                            get.cancel()
+                    if not get.done() or get.cancelled():
                         raise APIError(499, "the client closed the request", type_="client_closed")
                     kind, val = get.result()
                     if kind == "done":
