@@ -372,20 +372,15 @@ def _copy_in(model, slots, meta, get, block, dequantize_fp8: bool) -> None:
 
 
 def _reset_non_persistent(model) -> None:
-    """Buffers that no checkpoint holds, recomputed after materialization from the meta device."""
-    from ..nn.moe import MoE
-    from ..nn.rope import RotaryEmbedding, yarn_inv_freq
-
-    cfg = model.config
+    """Buffers that no checkpoint holds, recomputed after materialization from the meta device by the
+    modules that own them (``reset_non_persistent_buffers``)."""
     for m in model.modules():
-        if isinstance(m, RotaryEmbedding):
-            inv, _ = yarn_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
-            m.inv_freq = inv.to(m.inv_freq.device)
-        elif isinstance(m, MoE):
-            m.load = torch.zeros_like(m.load)
+        if hasattr(m, "reset_non_persistent_buffers"):
+            m.reset_non_persistent_buffers()
         elif m._non_persistent_buffers_set:
             raise RuntimeError(f"checkpoint loading does not know how to initialize {type(m).__name__}'s "
-                               f"non-persistent buffers {sorted(m._non_persistent_buffers_set)}")
+                               f"non-persistent buffers {sorted(m._non_persistent_buffers_set)}: give it a "
+                               f"reset_non_persistent_buffers() method")
 
 
 def load_hf_state_dict(model, tensors: dict[str, torch.Tensor], *, dequantize_fp8: bool = False) -> None:

@@ -203,6 +203,10 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(E, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
 
+    def reset_non_persistent_buffers(self) -> None:
+        """Zeroes the load counter (no checkpoint holds it), e.g. after ``to_empty``."""
+        self.load = torch.zeros_like(self.load)
+
     def route(self, x2: torch.Tensor):
         """Returns ``(topk_idx int32 [T, k], topk_weights fp32 [T, k] (differentiable), scores fp32 [T, E])``."""
         cfg = self.cfg

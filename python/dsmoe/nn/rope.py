@@ -62,7 +62,11 @@ class RotaryEmbedding(nn.Module):
         inv, att = yarn_inv_freq(dim, base, rope_scaling)
         self.register_buffer("inv_freq", inv, persistent=False)
         self.attention_factor = att
-        self.dim = dim
+        self.dim, self.base, self.rope_scaling = dim, base, rope_scaling
+
+    def reset_non_persistent_buffers(self) -> None:
+        """Recomputes ``inv_freq`` (no checkpoint holds it) on its current device, e.g. after ``to_empty``."""
+        self.inv_freq = yarn_inv_freq(self.dim, self.base, self.rope_scaling)[0].to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = positions.float()[..., None] * self.inv_freq.to(positions.device)
