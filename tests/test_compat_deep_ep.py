@@ -299,6 +299,11 @@ def _check(group, world):
         buffer.dispatch(torch.zeros(T, Hb, dtype=torch.bfloat16), **lay)
     again = buffer.dispatch(x, **lay, topk_idx=topk_idx, topk_weights=topk_weights)
     assert torch.equal(again[0], ex_x) and torch.equal(again[1], ex_idx)
+    # ... and on whether combine carries top-k weights
+    with pytest.raises(ValueError, match="topk_weights columns: rank 0 = 3, rank 1 = -1"):
+        buffer.combine(again[0], again[4], topk_weights=again[2] if rank == 0 else None)
+    cx2, cw2, _ = buffer.combine(y, again[4], topk_weights=again[2])
+    assert torch.equal(cx2, ref.bfloat16()) and torch.equal(cw2, cw)
 
     # --- destroy (explicitly_destroy=True, as DeepEP requires), then calls refuse
     b2 = deep_ep.Buffer(group, explicitly_destroy=True)
