@@ -10,6 +10,7 @@ rank before any collective; ranks that disagree. A GPU test runs the nvlink back
 one on the same inputs."""
 import datetime
 import socket
+import time
 
 import pytest
 import torch
@@ -321,6 +322,21 @@ def _worker(rank, world, port):
         pair = dist.new_group([2, 0])
         if rank != 1:
             _check(pair, 2)
+        # a dispatch whose peers never call: EPTimeoutError within the buffer's timeout, then the buffer refuses
+        # NOTE: the group keeps a long timeout: its creation waits for the ranks still running the pair checks
+        lonely = dist.new_group(list(range(world)))
+        if rank == 0:
+            assert deep_ep.Buffer(dist.group.WORLD).timeout == datetime.timedelta(seconds=60)  # the group's
+            b = deep_ep.Buffer(lonely, timeout=3)
+            x, idx, w, *_ = _inputs(0, world)
+            lay = b.get_dispatch_layout(idx, EXPERTS[world])
+            args = dict(num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2])
+            t0 = time.monotonic()
+            with pytest.raises(deep_ep.EPTimeoutError, match="dispatch"):
+                b.dispatch(x, **args)
+            assert time.monotonic() - t0 < 30
+            with pytest.raises(deep_ep.EPTimeoutError, match="earlier collective"):
+                b.dispatch(x, **args)
         dist.barrier()
     finally:
         dist.destroy_process_group()
