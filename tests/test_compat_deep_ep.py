@@ -303,6 +303,12 @@ def _check(group, world):
     # ... and on whether combine carries top-k weights
     with pytest.raises(ValueError, match="topk_weights columns: rank 0 = 3, rank 1 = -1"):
         buffer.combine(again[0], again[4], topk_weights=again[2] if rank == 0 else None)
+    # ... and on which call they make (dispatch here, combine there)
+    with pytest.raises(ValueError, match="call: rank 0 = "):
+        if rank == 0:
+            buffer.dispatch(x, **lay)
+        else:
+            buffer.combine(again[0], again[4])
     cx2, cw2, _ = buffer.combine(y, again[4], topk_weights=again[2])
     assert torch.equal(cx2, ref.bfloat16()) and torch.equal(cw2, cw)
 

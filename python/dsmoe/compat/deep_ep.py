@@ -66,8 +66,10 @@ topk_idx_t = torch.int64
 
 _DISPATCH_MAGIC = 0x44454550  # first header field: a rank whose call is something else shows up as a mismatch
 _COMBINE_MAGIC = 0x434F4D42
+# NOTE: both headers have 7 fields, so a rank calling dispatch while a peer calls combine is a "call" mismatch
+# (a ValueError on every rank), not an all_gather of unequal sizes
 _HDR_FIELDS = ("call", "cached", "hidden", "num_experts", "top_k", "fp8", "dtype")
-_COMB_FIELDS = ("call", "hidden", "topk_weights columns", "dtype")
+_COMB_FIELDS = ("call", "cached", "hidden", "num_experts", "topk_weights columns", "fp8", "dtype")
 _BACKENDS = ("collective", "nvlink")
 _ENV_BACKEND = "DSMOE_DEEP_EP_BACKEND"
 _MAX_TOKENS_EXACT = 1 << 24  # token indices travel as fp32 "weights": exact below 2**24
@@ -539,7 +541,7 @@ class Buffer:
                 k = topk_idx.shape[1]
                 # NOTE: DeepEP routes by is_token_in_rank and maps the top-k by topk_idx; when they disagree rows
                 # arrive without their experts (or experts without rows). That is an error here, not garbage.
-                l_ntpr, l_ntpe, l_in = _layout(topk_idx, E, W)  # ValueError for ids outside [-1, E)
+                _, l_ntpe, l_in = _layout(topk_idx, E, W)  # ValueError for ids outside [-1, E)
                 if not torch.equal(l_in, in_rank):
                     raise ValueError(_err(op, "argument 'is_token_in_rank' does not match 'topk_idx' (pass what "
                                           "get_dispatch_layout returned for it)"))
@@ -670,7 +672,7 @@ class Buffer:
                 raise ValueError(_err(op, f"argument 'topk_weights' must be [{n}, num_topk] on {x.device}, got "
                                       f"{_shape(topk_weights)} on {topk_weights.device}"))
             kw = topk_weights.shape[1]
-        rows = self._gather([_COMBINE_MAGIC, H, kw, dtype_code(x.dtype)], x.device, "combine")
+        rows = self._gather([_COMBINE_MAGIC, 0, H, handle.num_experts, kw, 0, dtype_code(x.dtype)], x.device, "combine")
         diff = disagreement(rows, _COMB_FIELDS, {"dtype": dtype_name})
         if diff:
             raise ValueError(_err(op, f"the ranks disagree on this call ({diff}); every rank must combine rows of "
