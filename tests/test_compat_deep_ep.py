@@ -421,6 +421,10 @@ def _gpu_worker(rank, world, port):
         pr, pi, *_ , ph, _ = nv.dispatch(x.cuda(), **args, num_worst_tokens=nw)
         R = ex_x.shape[0]
         assert pr.shape == (nw, H) and (pi[R:] == -1).all() and torch.equal(pr[:R].cpu(), ex_x)
+        # a batch above the token bound: ValueError on every rank (also the one without tokens), no hang
+        small = deep_ep.Buffer(dist.group.WORLD, backend="nvlink", max_tokens_per_rank=4, timeout=30)
+        with pytest.raises(ValueError, match="max_tokens_per_rank=4"):
+            small.dispatch(x.cuda(), **args)
         torch.cuda.synchronize()
     finally:
         dist.destroy_process_group()

@@ -580,6 +580,13 @@ class Buffer:
         else:
             aug_idx, aug_w = route, tok
         ep = self._ep(H, E, dev)
+        if ep.backend == "nvlink" and max(Ts) > ep.config.max_tokens_per_rank:
+            # NOTE: decided from the gathered counts, so every rank raises (one rank refusing inside the
+            # transport would leave its peers waiting for its rows)
+            s = max(range(W), key=lambda r: Ts[r])
+            raise ValueError(_err(op, f"rank {s} dispatches {Ts[s]} tokens, more than the nvlink transport holds "
+                                  f"(max_tokens_per_rank={ep.config.max_tokens_per_rank}, from 'num_nvl_bytes'="
+                                  f"{self.num_nvl_bytes} unless given); raise it or use backend='collective'"))
         payload = (xs.contiguous(), sc.contiguous()) if fp8 else xs.contiguous()
         with torch.no_grad():
             recv, ridx, rw, _, eph = ep.dispatch(payload, aug_idx.to(torch.int32).contiguous(), aug_w.contiguous())
