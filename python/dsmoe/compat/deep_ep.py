@@ -641,7 +641,7 @@ class Buffer:
                                  send_counts=in_rank.sum(0).tolist(), send_token=in_rank.t().nonzero()[:, 1])
         event = self._finish(async_finish, dev)
         if cached:
-            # a cached dispatch keeps its EPBuffer handle for combine only through the original handle
+            # as DeepEP: no new handle; combine keeps using the one that described this layout
             return recv, None, None, None, None, event
         return recv, recv_idx, recv_w, per_expert, new_handle, event
 
