@@ -5,6 +5,7 @@ checkpoint, and prints a greedy sample and the task accuracy.
     dsmoe train --preset tiny                 # FP8 linears (CPU: references, GPU: kernels)
     dsmoe train --preset tiny --bf16          # same without FP8
     dsmoe train --preset tiny --compare       # FP8 and BF16 runs from the same seed; relative loss gap
+    torchrun --nproc-per-node 4 -m dsmoe train --preset tiny --pp 4     # DualPipe over 4 processes
 """
 from __future__ import annotations
 
@@ -99,6 +100,98 @@ def train(preset: str = "tiny", *, fp8: bool = True, steps: int | None = None, d
     return model.eval(), task, hist
 
 
+def train_pipeline(preset: str = "tiny", *, pp: int, schedule: str = "dualpipe", num_chunks: int | None = None,
+                   fp8: bool = True, steps: int | None = None, seed: int = 0, progress: bool = True,
+                   batch: int | None = None, lr: float | None = None):
+    """``train`` with the model cut into pipeline stages over the ``pp`` processes of the default group
+    (torchrun; gloo on CPU). Every rank draws the same batches and builds the same model; each runs its
+    stages' compute, the gradients are summed over the ranks (:func:`dsmoe.parallel.pipeline.model.sync_grads`)
+    and the optimizer step is replicated, so every rank ends with the model the single-process run
+    would have (up to the order of floating-point sums). Returns ``(model, task, history)`` on every rank."""
+    import torch.distributed as dist
+
+    from .data import PermutedCopyTask
+    from .models import DeepseekV3ForCausalLM
+    from .parallel import pipeline as pl
+    from .parallel.pipeline.model import lm_criterion, split_stages, sync_grads
+
+    P = PRESETS[preset]
+    steps = P["steps"] if steps is None else steps
+    batch = P["batch"] if batch is None else batch
+    lr = P["lr"] if lr is None else lr
+    n_chunks = num_chunks or 2 * pp
+    rank = dist.get_rank()
+    if dist.get_world_size() != pp:
+        raise ValueError(f"train_pipeline: --pp {pp} needs {pp} processes, torchrun started {dist.get_world_size()}")
+    if batch % n_chunks:
+        raise ValueError(f"train_pipeline: --batch {batch} must be a multiple of the number of micro-batches {n_chunks}")
+    task = PermutedCopyTask(**P["task"], seed=seed)
+    torch.manual_seed(seed)
+    cfg = preset_config(preset, task.vocab_size)
+    model = DeepseekV3ForCausalLM(cfg, fp8=fp8).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    n_stages = 2 * pp if schedule == "dualpipev" else pp
+    stages = split_stages(model, n_stages, aux_scale=1.0 / n_chunks)
+    if schedule == "dualpipe":
+        pipe = pl.DualPipe((stages[rank], stages[pp - 1 - rank]))
+    elif schedule == "dualpipev":
+        pipe = pl.DualPipeV((stages[rank], stages[2 * pp - 1 - rank]))
+    else:
+        pipe = pl.OneFOneB(stages[rank])
+    mb = batch // n_chunks
+    pl.set_p2p_tensor_shapes([(mb, task.seq_len, cfg.hidden_size), (mb, task.seq_len)])
+    pl.set_p2p_tensor_dtype(torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    hist = {"loss": [], "lm_loss": [], "mtp_loss": [], "aux_loss": [], "load": [], "fp8": fp8}
+    it = range(steps)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(it, desc=f"train {preset} pp={pp} {schedule} ({'fp8' if fp8 else 'bf16'})", dynamic_ncols=True)
+        it = bar
+    first, last = rank == 0, rank == pp - 1
+    for step in it:
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr, P["warmup"])
+        x, y = task.batch(batch, gen)
+        xf = x.float()
+        record = []
+        crit = lm_criterion(cfg, n_chunks, record)
+        for s in stages:
+            s.aux_total = 0.0
+            if s.head is not None:
+                s.head.aux_total = 0.0
+        opt.zero_grad(set_to_none=True)
+        if schedule == "dualpipe":
+            half = batch // 2
+            inp = (xf[:half],) if first else (xf[half:],) if last else ()
+            lab = (y[half:],) if first else (y[:half],) if last else ()
+        elif schedule == "dualpipev":
+            inp, lab = ((xf,), (y,)) if first else ((), ())
+        else:
+            inp, lab = ((xf,) if first else ()), ((y,) if last else ())
+        pipe.step(*inp, num_chunks=n_chunks, criterion=crit, labels=lab)
+        sync_grads(model)
+        aux = sum(s.aux_total for s in set(pipe.module)) + sum(s.head.aux_total for s in set(pipe.module) if s.head is not None)
+        sums = torch.tensor([sum(r[0] for r in record), sum(r[1] for r in record), aux, len(record)], dtype=torch.float64)
+        dist.all_reduce(sums)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loads = model.update_expert_bias()
+        lm_l, mtp_l, aux_l = (sums[0] / sums[3]).item(), (sums[1] / sums[3]).item(), sums[2].item()
+        hist["loss"].append(lm_l + cfg.mtp_loss_weight * mtp_l + aux_l)
+        hist["lm_loss"].append(lm_l)
+        hist["mtp_loss"].append(mtp_l)
+        hist["aux_loss"].append(aux_l)
+        hist["load"].append(loads.cpu().tolist())
+        if bar is not None:
+            bar.set_postfix(loss=f"{lm_l:.3f}", floor=f"{task.loss_floor:.3f}")
+    return model.eval(), task, hist
+
+
 @torch.no_grad()
 def evaluate(model, task, n: int = 128, seed: int = 12345):
     dev = model.lm_head.weight.device
@@ -186,6 +279,10 @@ def _parser():
     g.add_argument("--bf16", "--no-fp8", dest="bf16", action="store_true", help="train without FP8 linears")
     g.add_argument("--compare", action="store_true", help="train FP8 and BF16 from the same seed and report the loss gap")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--pp", type=positive_int, default=1,
+                   help="pipeline-parallel processes (launch with torchrun --nproc-per-node PP); see docs/pipeline.md")
+    p.add_argument("--pp-schedule", default="dualpipe", choices=["dualpipe", "dualpipev", "1f1b"])
+    p.add_argument("--chunks", type=positive_int, default=None, help="micro-batches per step with --pp (default 2*PP)")
     return p
 
 
@@ -213,6 +310,8 @@ def _main(argv):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
     kw = dict(steps=a.steps, device=dev, seed=a.seed, progress=not a.no_progress, batch=a.batch, lr=a.lr)
+    if a.pp > 1:
+        return _main_pipeline(a, out_dir, t0)
     model, task, hist = train(a.preset, fp8=not a.bf16, **kw)
     other = None
     n_steps = len(hist["lm_loss"])
@@ -259,6 +358,56 @@ def _main(argv):
     print(f"wrote {out_dir}/loss.png, {out_dir}/expert_load.png, {out_dir}/checkpoint/ (HF format), {out_dir}/summary.json "
           f"[{summary['wall_s']} s]")
     return 0
+
+
+def _main_pipeline(a, out_dir, t0):
+    """`dsmoe train --pp N` under torchrun: trains with the pipeline; rank 0 evaluates and writes --out."""
+    import torch.distributed as dist
+
+    from ._cli import CLIError
+    if a.compare:
+        raise CLIError("--compare: not with --pp (run the two precisions separately)")
+    if a.device not in (None, "cpu"):
+        raise CLIError(f"--device {a.device}: --pp runs on the CPU (gloo) here; the NCCL path is not wired into the CLI yet")
+    if "WORLD_SIZE" not in os.environ:
+        raise CLIError(f"--pp {a.pp}: launch with torchrun --nproc-per-node {a.pp} -m dsmoe train ...")
+    if int(os.environ["WORLD_SIZE"]) != a.pp:
+        raise CLIError(f"--pp {a.pp}: torchrun started {os.environ['WORLD_SIZE']} processes")
+    if a.pp_schedule == "dualpipe" and a.pp % 2:
+        raise CLIError(f"--pp {a.pp}: DualPipe needs an even number of ranks (--pp-schedule dualpipev takes any)")
+    dist.init_process_group("gloo")
+    try:
+        model, task, hist = train_pipeline(a.preset, pp=a.pp, schedule=a.pp_schedule, num_chunks=a.chunks,
+                                           fp8=not a.bf16, steps=a.steps, seed=a.seed, progress=not a.no_progress,
+                                           batch=a.batch, lr=a.lr)
+        if dist.get_rank() != 0:
+            return 0
+        n_steps = len(hist["lm_loss"])
+        w = min(FINAL_WINDOW, n_steps)
+        ev = evaluate(model, task, n=EVAL_SEQUENCES)
+        summary = {"preset": a.preset, "device": "cpu", "fp8": not a.bf16, "steps": n_steps, "pp": a.pp,
+                   "pp_schedule": a.pp_schedule, "loss_floor": task.loss_floor, "mtp_loss_floor": task.mtp_loss_floor,
+                   "final_lm_loss_mean": _mean_last(hist["lm_loss"], w), "final_lm_loss_window_steps": w, **ev,
+                   "eval_sequences": EVAL_SEQUENCES}
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            model.save_pretrained(os.path.join(out_dir, "checkpoint"))
+            from .tokenizer import save_task_tokenizer
+            save_task_tokenizer(task, os.path.join(out_dir, "checkpoint"))
+            _plots(hist, task, out_dir)
+            summary["wall_s"] = round(time.time() - t0, 1)
+            with open(os.path.join(out_dir, "summary.json"), "w") as f:
+                json.dump({**summary, "history": {k: v for k, v in hist.items() if k != "load"}}, f)
+        except OSError as e:
+            raise CLIError(f"--out {out_dir}: writing the results failed ({e})", 1) from None
+        print(f"pipeline: {a.pp} ranks, {a.pp_schedule}; final train LM loss (mean of the last {w} steps): "
+              f"{summary['final_lm_loss_mean']:.4f} (floor {task.loss_floor:.4f}); held-out LM loss {ev['eval_lm_loss']:.4f}; "
+              f"task accuracy {100 * ev['accuracy']:.1f}%")
+        print(f"wrote {out_dir}/loss.png, {out_dir}/expert_load.png, {out_dir}/checkpoint/ (HF format), "
+              f"{out_dir}/summary.json [{summary['wall_s']} s]")
+        return 0
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

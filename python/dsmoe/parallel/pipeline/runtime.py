@@ -1,0 +1,472 @@
+"""The pipeline executor: runs a rank's program (:mod:`.schedule`) with point-to-point transfers
+between neighbouring stages, the deferred weight gradients of :class:`WeightGradStore`, and the
+optional ``overlapped_forward_backward`` hook of the stage modules.
+
+Transfers: every received tensor has one of the shapes given to :func:`set_p2p_tensor_shapes` and the
+dtype of :func:`set_p2p_tensor_dtype` (activations forward, their gradients backward). Sends are posted
+as soon as a chunk is computed (``isend``) and waited at the end of the step; receives are posted a few
+ops ahead of the op that needs them. Each message carries a tag built from (direction, path, chunk),
+so on gloo the order in which peers post them does not matter. NCCL ignores tags: there the executor
+relies on every channel (a pair of ranks and a direction) carrying its messages in chunk order, which
+the programs guarantee per (kind, path); this path has not been run on GPUs here.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .schedule import PROGRAMS, Op, Topology
+
+__all__ = ["WeightGradStore", "set_p2p_tensor_shapes", "set_p2p_tensor_dtype", "run_backward", "scatter", "gather",
+           "PipelineSchedule"]
+
+_P2P = {"shapes": None, "dtype": None}
+_LOOKAHEAD = 2   # ops whose receives are posted before the current op runs
+
+
+def set_p2p_tensor_shapes(shapes) -> None:
+    """Shapes of the tensors a stage sends to the next one (and of their gradients), one per output."""
+    ok = isinstance(shapes, (list, tuple)) and len(shapes) > 0 and all(
+        isinstance(s, (list, tuple, torch.Size)) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+        for s in shapes)
+    if not ok:
+        raise ValueError(f"set_p2p_tensor_shapes: argument 'shapes' must be a non-empty list of shapes (tuples of "
+                         f"ints >= 0), got {shapes!r}")
+    _P2P["shapes"] = [tuple(s) for s in shapes]
+
+
+def set_p2p_tensor_dtype(dtype) -> None:
+    """dtype of the tensors exchanged between stages."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"set_p2p_tensor_dtype: argument 'dtype' must be a floating torch.dtype, got {dtype!r}")
+    _P2P["dtype"] = dtype
+
+
+class WeightGradStore:
+    """Deferred weight gradients (the zero-bubble split). A stage's autograd function calls
+    ``WeightGradStore.put(fn)`` instead of computing its weight gradient when ``enabled`` is True; the
+    executor turns it on for the backward chunks the schedule splits, ``flush()``es their functions as
+    one group and ``pop()``s the oldest group where the schedule places a W chunk."""
+
+    enabled: bool = False
+    cache: list = []
+    funcs_queue: queue.Queue = queue.Queue()
+
+    @classmethod
+    def put(cls, func: Callable) -> None:
+        cls.cache.append(func)
+
+    @classmethod
+    def flush(cls) -> None:
+        cls.funcs_queue.put(cls.cache)
+        cls.cache = []
+
+    @classmethod
+    def pop(cls) -> None:
+        if cls.funcs_queue.empty():
+            raise RuntimeError("WeightGradStore.pop: no deferred weight gradients (a W chunk without a split backward)")
+        for func in cls.funcs_queue.get():
+            func()
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.enabled = False
+        cls.cache = []
+        cls.funcs_queue = queue.Queue()
+
+
+def run_backward(tensors, grad_tensors) -> None:
+    """Backward from ``tensors`` with ``grad_tensors`` (pairs whose gradient is None are skipped)."""
+    pairs = [(t, g) for t, g in zip(tensors, grad_tensors) if g is not None and t.requires_grad]
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
+def scatter(inputs, chunks: int, dim: int, what: str = "inputs") -> list:
+    """``inputs`` (a tensor or a sequence of tensors/None) -> ``chunks`` tuples of micro-batch slices."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    parts = []
+    for i, x in enumerate(inputs):
+        if x is None:
+            parts.append([None] * chunks)
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"step: argument '{what}'[{i}] must be a tensor or None, got {type(x).__name__}")
+        if x.dim() <= dim or x.shape[dim] % chunks:
+            raise ValueError(f"step: argument '{what}'[{i}] of shape {tuple(x.shape)} must split into {chunks} equal "
+                             f"micro-batches along batch_dim={dim} (num_chunks and the batch size)")
+        parts.append(list(x.tensor_split(chunks, dim=dim)))
+    return [tuple(p[c] for p in parts) for c in range(chunks)]
+
+
+def gather(chunks_out: list, dim: int):
+    cols = list(zip(*chunks_out))
+    out = tuple(torch.cat(col, dim=dim) for col in cols)
+    return out[0] if len(out) == 1 else out
+
+
+def _as_list(outputs, where: str) -> list:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in outputs):
+        return list(outputs)
+    raise TypeError(f"{where}: a pipeline stage must return a tensor or a tuple/list of tensors, got {type(outputs).__name__}")
+
+
+class PipelineSchedule(nn.Module):
+    """Shared executor; :class:`DualPipe`, :class:`DualPipeV` and :class:`OneFOneB` choose the schedule."""
+
+    kind = ""
+    n_modules = 2
+
+    def __init__(self, modules, batch_dim: int = 0, process_group=None, rank_mapping=None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if isinstance(modules, nn.Module) and self.n_modules == 1 and not isinstance(modules, (nn.ModuleList, nn.Sequential)):
+            modules = (modules,)
+        modules = tuple(modules) if isinstance(modules, (list, tuple, nn.ModuleList, nn.Sequential)) else None
+        if modules is None or len(modules) != self.n_modules or not all(isinstance(m, nn.Module) for m in modules):
+            raise ValueError(f"{name}: argument 'modules' must be {self.n_modules} nn.Module(s) "
+                             f"({self._modules_doc()}), got {modules!r}")
+        if not isinstance(batch_dim, int) or isinstance(batch_dim, bool) or batch_dim < 0:
+            raise ValueError(f"{name}: argument 'batch_dim' must be an int >= 0, got {batch_dim!r}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(f"{name}: torch.distributed is not initialized (launch with torchrun and call "
+                               f"dist.init_process_group first)")
+        self.module = nn.ModuleList(modules)
+        self.batch_dim = batch_dim
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        n = dist.get_world_size(self.group)
+        if rank_mapping is None:
+            rank_mapping = list(range(n))
+        if not isinstance(rank_mapping, (list, tuple)) or sorted(rank_mapping) != list(range(n)):
+            raise ValueError(f"{name}: argument 'rank_mapping' must be a permutation of range({n}) (pipeline rank of "
+                             f"each process-group rank), got {rank_mapping!r}")
+        self._check_size(n)
+        self.num_ranks = n
+        self.rank = rank_mapping[dist.get_rank(self.group)]
+        inverse = [0] * n
+        for g, p in enumerate(rank_mapping):
+            inverse[p] = g
+        # global rank of each pipeline rank (p2p calls take global ranks)
+        self._global = [dist.get_global_rank(self.group, inverse[p]) if self.group is not dist.group.WORLD else inverse[p]
+                        for p in range(n)]
+        self.topo = Topology(self.kind, n)
+        self.is_first_rank, self.is_last_rank = self.rank == 0, self.rank == n - 1
+        m0 = modules[0]
+        self.overlapped_forward_backward = (len(modules) == 2 and type(m0) is type(modules[1])
+                                            and hasattr(type(m0), "overlapped_forward_backward"))
+        self.record_timeline = False
+        self.timeline: list = []
+
+    # ------------------------------------------------------------------ per-schedule
+    def _modules_doc(self) -> str:
+        return ""
+
+    def _check_size(self, n: int) -> None:
+        pass
+
+    def _check_chunks(self, num_chunks: int) -> None:
+        pass
+
+    def _feeds(self):
+        """{(slot): chunk count} of first stages fed by this rank's inputs, and the slot whose last stage
+        computes the loss here (or None)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ step
+    def step(self, *inputs, num_chunks: int = 0, criterion: Callable | None = None, labels=(),
+             return_outputs: bool = False):
+        """Runs one training step (or a forward-only one under ``torch.no_grad()``) over ``num_chunks``
+        micro-batches. Returns ``(loss, outputs)``: the stacked per-chunk losses and the concatenated
+        outputs on the ranks that hold a last stage (``None`` elsewhere and for what was not asked)."""
+        name = f"{type(self).__name__}.step"
+        if _P2P["shapes"] is None or _P2P["dtype"] is None:
+            raise RuntimeError(f"{name}: call set_p2p_tensor_shapes and set_p2p_tensor_dtype before a step")
+        if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks <= 0:
+            raise ValueError(f"{name}: argument 'num_chunks' must be an int > 0, got {num_chunks!r}")
+        self._check_chunks(num_chunks)
+        if isinstance(labels, torch.Tensor):
+            labels = (labels,)
+        self.forward_only = not torch.is_grad_enabled()
+        feed_slot, n_feed, loss_slot = self._feeds(num_chunks)
+        if feed_slot is not None and (len(inputs) == 0 or all(x is None for x in inputs)):
+            raise ValueError(f"{name}: pipeline rank {self.rank} holds a first stage: it needs the inputs")
+        if loss_slot is not None and not self.forward_only and criterion is None:
+            raise ValueError(f"{name}: pipeline rank {self.rank} holds a last stage: a training step needs 'criterion'")
+        self._reset()
+        self.return_outputs = return_outputs
+        self.criterion = criterion
+        if feed_slot is not None:
+            self.first_inputs = scatter(inputs, n_feed, self.batch_dim, "inputs")
+        if loss_slot is not None:
+            self.labels = scatter(labels, n_feed, self.batch_dim, "labels") if len(labels) else [()] * n_feed
+        prog = PROGRAMS[self.kind](self.num_ranks, self.rank, num_chunks)
+        if self.forward_only:
+            prog = [Op("F", o.slot, o.chunk) if o.kind == "FB" else o for o in prog if o.kind in ("F", "FB")]
+        try:
+            for i, op in enumerate(prog):
+                for nxt in prog[i: i + 1 + _LOOKAHEAD]:
+                    self._post_recvs(nxt)
+                t0 = time.perf_counter()
+                self._run(op)
+                if self.record_timeline:
+                    self.timeline.append((op, t0, time.perf_counter()))
+            for w, _ in self.sends:
+                w.wait()
+            if not self.forward_only and not WeightGradStore.funcs_queue.empty():
+                raise RuntimeError(f"{name}: deferred weight gradients left after the schedule (WeightGradStore)")
+        finally:
+            WeightGradStore.clear()
+        loss = outputs = None
+        if loss_slot is not None:
+            if criterion is not None:
+                loss = torch.stack([l.detach() for l in self.losses])
+            if return_outputs:
+                outputs = gather(self.last_outputs, self.batch_dim)
+        self._reset()
+        return loss, outputs
+
+    def _reset(self):
+        WeightGradStore.clear()
+        self.inputs = [{}, {}]
+        self.outputs = [{}, {}]
+        self.out_grads = [{}, {}]
+        self.recvs = {}
+        self.sends = []
+        self.losses, self.last_outputs = [], []
+        self.first_inputs = self.labels = None
+        self.criterion = None
+
+    # ------------------------------------------------------------------ transfers
+    def _tag(self, kind: str, slot: int, chunk: int) -> int:
+        path = self.topo.where[(self.rank, slot)][0]
+        return (chunk * 2 + (kind == "B")) * 2 + path
+
+    def _post_recvs(self, op: Op):
+        if op.kind == "W":
+            return
+        if op.kind in ("F", "FB"):
+            self._post_recv("F", op.slot, op.chunk)
+        if op.kind == "B":
+            self._post_recv("B", op.slot, op.chunk)
+        if op.kind == "FB" and not self.forward_only:
+            self._post_recv("B", op.slot_b, op.chunk_b)
+
+    def _post_recv(self, kind, slot, chunk):
+        key = (kind, slot, chunk)
+        if key in self.recvs:
+            return
+        peer = self.topo.prev(self.rank, slot) if kind == "F" else self.topo.next(self.rank, slot)
+        if peer is None or peer[0] == self.rank:
+            return
+        bufs = [torch.empty(s, dtype=_P2P["dtype"], device=self._device()) for s in _P2P["shapes"]]
+        src = self._global[peer[0]]
+        works = [dist.irecv(b, src=src, group=self.group if self.group is not dist.group.WORLD else None,
+                            tag=self._tag(kind, slot, chunk)) for b in bufs]
+        self.recvs[key] = (works, bufs)
+
+    def _take_recv(self, kind, slot, chunk):
+        self._post_recv(kind, slot, chunk)
+        works, bufs = self.recvs.pop((kind, slot, chunk))
+        for w in works:
+            w.wait()
+        return bufs
+
+    def _send(self, kind, slot, chunk, tensors, peer_rank):
+        where = f"{type(self).__name__}.step"
+        shapes, dtype = _P2P["shapes"], _P2P["dtype"]
+        if len(tensors) != len(shapes) or any(tuple(t.shape) != s for t, s in zip(tensors, shapes)) \
+                or any(t.dtype != dtype for t in tensors):
+            raise ValueError(f"{where}: stage {self.topo.where[(self.rank, slot)][1]} (pipeline rank {self.rank}) "
+                             f"{'outputs' if kind == 'F' else 'input gradients'} are "
+                             f"{[(tuple(t.shape), t.dtype) for t in tensors]}; set_p2p_tensor_shapes/dtype declared "
+                             f"{[(s, dtype) for s in shapes]}")
+        for t in tensors:
+            # NOTE: a stage output may be a view (nn.Linear with bias on 3-D input) or non-contiguous; the
+            # copy that travels is contiguous and detached, the autograd graph keeps the original
+            buf = t.detach().contiguous()
+            # both ends tag with their own slot's path: the same path
+            work = dist.isend(buf, dst=self._global[peer_rank], tag=self._tag(kind, slot, chunk),
+                              group=self.group if self.group is not dist.group.WORLD else None)
+            self.sends.append((work, buf))     # the buffer lives until the send completes
+
+    def _device(self):
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ compute
+    def _is_last(self, slot):
+        return self.topo.next(self.rank, slot) is None
+
+    def _is_first(self, slot):
+        return self.topo.prev(self.rank, slot) is None
+
+    def _stage_inputs(self, slot, chunk):
+        if self._is_first(slot):
+            return list(self.first_inputs[chunk])
+        if chunk in self.inputs[slot]:          # handed over locally (the V's bend)
+            return self.inputs[slot][chunk]
+        ins = self._take_recv("F", slot, chunk)
+        if not self.forward_only:
+            ins = [t.requires_grad_() for t in ins]
+        self.inputs[slot][chunk] = ins
+        return ins
+
+    def _run(self, op: Op):
+        if op.kind == "F":
+            self._forward(op.slot, op.chunk)
+        elif op.kind == "B":
+            self._backward(op.slot, op.chunk, op.zb)
+        elif op.kind == "W":
+            WeightGradStore.pop()
+        elif self.overlapped_forward_backward:
+            self._overlapped(op)
+        else:
+            self._forward(op.slot, op.chunk)
+            self._backward(op.slot_b, op.chunk_b, False)
+
+    def _forward(self, slot, chunk):
+        ins = self._stage_inputs(slot, chunk)
+        outs = _as_list(self.module[slot](*ins), f"{type(self).__name__}.step")
+        loss = None
+        if self._is_last(slot) and self.criterion is not None:
+            loss = self.criterion(*outs, *self.labels[chunk])
+        self._after_forward(slot, chunk, outs, loss)
+
+    def _after_forward(self, slot, chunk, outs, loss):
+        if self._is_last(slot):
+            if loss is not None:
+                self.losses.append(loss)
+            if self.return_outputs:
+                self.last_outputs.append([t.detach() for t in outs])
+            return
+        nxt = self.topo.next(self.rank, slot)
+        if nxt[0] == self.rank:                  # the bend: the next stage is this rank's other module
+            self.inputs[nxt[1]][chunk] = [t.detach().requires_grad_(not self.forward_only) for t in outs]
+        else:
+            self._send("F", slot, chunk, outs, nxt[0])
+        if not self.forward_only:
+            self.outputs[slot][chunk] = outs
+
+    def _backward_inputs(self, slot, chunk):
+        """(loss or None, outputs, output gradients) of this stage's chunk."""
+        if self._is_last(slot):
+            return self.losses[chunk], [], []
+        outs = self.outputs[slot].pop(chunk)
+        if chunk in self.out_grads[slot]:
+            grads = self.out_grads[slot].pop(chunk)
+        else:
+            grads = self._take_recv("B", slot, chunk)
+        return None, outs, grads
+
+    def _backward(self, slot, chunk, zb):
+        loss, outs, grads = self._backward_inputs(slot, chunk)
+        WeightGradStore.enabled = zb
+        try:
+            if loss is not None:
+                loss.backward()
+            else:
+                run_backward(outs, grads)
+        finally:
+            WeightGradStore.enabled = False
+        if zb:
+            WeightGradStore.flush()
+        self._after_backward(slot, chunk)
+
+    def _after_backward(self, slot, chunk):
+        prev = self.topo.prev(self.rank, slot)
+        ins = self.inputs[slot].pop(chunk, None)
+        if prev is None:
+            return
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in ins]
+        if prev[0] == self.rank:
+            self.out_grads[prev[1]][chunk] = grads
+        else:
+            self._send("B", slot, chunk, grads, prev[0])
+
+    def _overlapped(self, op: Op):
+        m0, m1 = self.module[op.slot], self.module[op.slot_b]
+        ins0 = self._stage_inputs(op.slot, op.chunk)
+        last0 = self._is_last(op.slot) and self.criterion is not None
+        crit0, labels0 = (self.criterion, list(self.labels[op.chunk])) if last0 else (None, [])
+        loss1, outs1, grads1 = self._backward_inputs(op.slot_b, op.chunk_b)
+        if loss1 is None:
+            pairs = [(t, g) for t, g in zip(outs1, grads1) if g is not None and t.requires_grad]
+            outs1, grads1 = [t for t, _ in pairs], [g for _, g in pairs]
+        outs0, loss0 = type(m0).overlapped_forward_backward(m0, ins0, crit0, labels0, m1, loss1, outs1, grads1)
+        self._after_forward(op.slot, op.chunk, _as_list(outs0, f"{type(m0).__name__}.overlapped_forward_backward"),
+                            loss0 if last0 else None)
+        self._after_backward(op.slot_b, op.chunk_b)
+
+
+class DualPipe(PipelineSchedule):
+    """Bidirectional pipeline (DeepSeek-V3): ``modules = (stage r, stage PP-1-r)`` on pipeline rank r.
+
+    Inputs are given on the first rank (fed to direction 0) and on the last rank (direction 1), each
+    split into ``num_chunks / 2`` micro-batches; ``labels`` on the first rank belong to the last rank's
+    inputs and vice versa. The mirrored copies of a stage (module 0 of rank r, module 1 of rank PP-1-r)
+    each accumulate the gradients of their own direction: sum them before the optimizer step."""
+
+    kind = "dualpipe"
+
+    def _modules_doc(self):
+        return "stage r and stage PP-1-r"
+
+    def _check_size(self, n):
+        if n % 2:
+            raise ValueError(f"DualPipe: the number of pipeline ranks must be even, got {n} (DualPipeV takes any)")
+
+    def _check_chunks(self, num_chunks):
+        if num_chunks % 2 or num_chunks < 2 * self.num_ranks:
+            raise ValueError(f"DualPipe.step: argument 'num_chunks' must be even and >= 2 * PP = {2 * self.num_ranks}, "
+                             f"got {num_chunks}")
+
+    def _feeds(self, num_chunks):
+        if self.is_first_rank:
+            return 0, num_chunks // 2, 1
+        if self.is_last_rank:
+            return 1, num_chunks // 2, 0
+        return None, 0, None
+
+
+class DualPipeV(PipelineSchedule):
+    """V-shaped DualPipe ("cut in half"): ``modules = (stage r, stage 2PP-1-r)`` on pipeline rank r;
+    inputs, labels, loss and outputs all on the first rank."""
+
+    kind = "dualpipev"
+
+    def _modules_doc(self):
+        return "stage r and stage 2PP-1-r"
+
+    def _check_chunks(self, num_chunks):
+        if num_chunks < 2 * self.num_ranks:
+            raise ValueError(f"DualPipeV.step: argument 'num_chunks' must be >= 2 * PP = {2 * self.num_ranks}, "
+                             f"got {num_chunks}")
+
+    def _feeds(self, num_chunks):
+        return (0, num_chunks, 1) if self.is_first_rank else (None, 0, None)
+
+
+class OneFOneB(PipelineSchedule):
+    """The 1F1B baseline under the same API: ``modules = stage r`` (one module); inputs on the first
+    rank, labels, loss and outputs on the last."""
+
+    kind = "1f1b"
+    n_modules = 1
+
+    def _modules_doc(self):
+        return "stage r"
+
+    def _feeds(self, num_chunks):
+        n = self.num_ranks
+        feed = 0 if self.rank == 0 else None
+        loss = 0 if self.rank == n - 1 else None
+        return feed, num_chunks, loss
