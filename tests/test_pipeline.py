@@ -250,6 +250,9 @@ def _worker(rank, world, port, cases):
             dist.barrier()
         if world == 2:
             _check_errors(rank)
+            _check_train(rank)
+        if world == 4:
+            _check_ep(rank, world)
     finally:
         dist.destroy_process_group()
 
@@ -279,27 +282,141 @@ def _check_errors(rank):
         DualPipeV(mods).step(x, num_chunks=3, criterion=_criterion, labels=(x,))
     with pytest.raises(ValueError, match="set_p2p_tensor_shapes"):
         set_p2p_tensor_shapes("bad")
-    odd = dist.new_group([0, 1, ], backend="gloo")
-    del odd
+    solo = dist.new_group([0])          # a one-rank pipeline: odd
+    if rank == 0:
+        with pytest.raises(ValueError, match="number of pipeline ranks must be even, got 1"):
+            DualPipe(mods, process_group=solo)
+        with pytest.raises(ValueError, match="modules"):
+            DualPipeV((mods[0],), process_group=solo)
     with pytest.raises(ValueError, match="batch_dim"):
         DualPipe(mods, batch_dim=-1)
+
+
+def _check_train(rank):
+    """`dsmoe train --pp 2`'s loop (embedding + MTP head stages, the ids carried along, balance losses
+    attached to the activations, gradients summed over the ranks): the single-process loss curve.
+    DualPipeV with 4 stages over the micro preset's 2 layers also has stages without layers."""
+    from dsmoe.train import train, train_pipeline
+    ref = train("micro", fp8=False, steps=2, progress=False)[2] if rank == 0 else None
+    for sched in ("dualpipe", "dualpipev"):
+        hist = train_pipeline("micro", pp=2, schedule=sched, fp8=False, steps=2, progress=False)[2]
+        if rank == 0:
+            for k in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
+                assert hist[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-9), (sched, k, hist[k], ref[k])
+            # every token counted once per MoE layer (which experts may flip on a near-tie: micro-batches
+            # round differently from the full batch)
+            assert [sum(map(sum, l)) for l in hist["load"]] == [sum(map(sum, l)) for l in ref["load"]], sched
 
 
 _CASES = [(s, k) for s in ("dualpipe", "dualpipev", "1f1b") for k in ("linear", "wgs", "decoder")]
 
 
 @pytest.mark.dist
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_pipelines_two_ranks():
     mp.spawn(_worker, args=(2, _free_port(), _CASES), nprocs=2, join=True)
 
 
-# four ranks: every schedule with plain stages, the decoder stages (the costliest) under DualPipe
-_CASES4 = [("dualpipe", "linear"), ("dualpipe", "wgs"), ("dualpipe", "decoder"), ("dualpipev", "linear"),
-           ("dualpipev", "wgs"), ("1f1b", "linear")]
+# four ranks: every schedule, the decoder stages (the costliest) under DualPipe; then PP = 2 x EP = 2
+_CASES4 = [("dualpipe", "linear"), ("dualpipe", "decoder"), ("dualpipev", "wgs"), ("1f1b", "linear")]
 
 
 @pytest.mark.dist
-@pytest.mark.timeout(180)
-def test_pipelines_four_ranks():
+@pytest.mark.timeout(240)
+def test_pipelines_four_ranks_and_expert_parallel():
     mp.spawn(_worker, args=(4, _free_port(), _CASES4), nprocs=4, join=True)
+
+
+# ----------------------------------------------------------------------------- pipeline x expert parallel
+def _ep_cfg():
+    from dsmoe.models import DeepseekV3Config
+    return DeepseekV3Config(vocab_size=16, hidden_size=16, moe_intermediate_size=16, n_routed_experts=4,
+                            num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1, num_hidden_layers=2,
+                            first_k_dense_replace=0, intermediate_size=32, num_attention_heads=2, kv_lora_rank=16,
+                            q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
+
+def _check_ep(rank, world):
+    """PP = 2 (DualPipe) x EP = 2: global rank e * 2 + p is pipeline rank p of replica e; each replica
+    feeds its own data, the routed experts are split over the replicas. The overlapped hook runs the
+    chunks' dispatch/combine as async all-to-alls. Reference: one process, the full layers, per replica."""
+    import copy
+
+    from dsmoe.models.deepseek_v3 import DecoderLayer
+    from dsmoe.nn import MoE
+    from dsmoe.nn.rope import RotaryEmbedding
+    from dsmoe.parallel.pipeline import DualPipe, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+    from dsmoe.parallel.pipeline.v3 import DecoderStage
+
+    pp, ne = 2, 2
+    e, p = divmod(rank, pp)
+    pipe_groups = [dist.new_group([r * pp + q for q in range(pp)]) for r in range(ne)]
+    ep_groups = [dist.new_group([r * pp + q for r in range(ne)]) for q in range(pp)]
+    cfg, dt = _ep_cfg(), torch.float32   # the grouped GEMM takes no float64
+    torch.manual_seed(7)
+    rot = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+    full = [DecoderStage([DecoderLayer(cfg, 0, fp8=False, dtype=dt)], rot, aux_scale=AUX, zero_bubble=False).train()
+            for _ in range(pp)]
+    L = cfg.n_routed_experts // ne
+
+    def ep_copy(st, group):
+        mine = copy.deepcopy(st)
+        moe = MoE(cfg, fp8=False, dtype=dt, ep_group=group).train()
+        ref = st.layers[0].mlp
+        with torch.no_grad():
+            moe.gate.load_state_dict(ref.gate.state_dict())
+            moe.shared_experts.load_state_dict(ref.shared_experts.state_dict())
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                getattr(moe.experts, n).copy_(getattr(ref.experts, n)[e * L:(e + 1) * L])
+        mine.layers[0].mlp = moe
+        return mine
+
+    # rank p holds stages p and 1 - p; the EP group of a stage copy: the replicas' ranks holding it at
+    # the same pipeline rank
+    mods = (ep_copy(full[p], ep_groups[p]), ep_copy(full[pp - 1 - p], ep_groups[p]))
+    chunks, T = 4, 5
+    set_p2p_tensor_shapes([(MB, T, cfg.hidden_size)])
+    set_p2p_tensor_dtype(dt)
+    data = {}
+    for r in range(ne):
+        g = torch.Generator().manual_seed(500 + r)
+        data[r] = (torch.randn(chunks * MB, T, cfg.hidden_size, generator=g, dtype=dt),
+                   torch.randn(chunks * MB, T, cfg.hidden_size, generator=g, dtype=dt))
+    x, lab = data[e]
+    first, last = p == 0, p == pp - 1
+    pipe = DualPipe(mods, process_group=pipe_groups[e])
+    xin = x.chunk(2)[0] if first else x.chunk(2)[1]
+    lin = lab.chunk(2)[1] if first else lab.chunk(2)[0]
+    loss, out = pipe.step(xin, num_chunks=chunks, criterion=_criterion, labels=(lin,), return_outputs=True)
+    # reference per replica (fresh copies: the gradients of replica e alone, and of both for the experts)
+    refs = {}
+    for r in range(ne):
+        st = copy.deepcopy(full)
+        refs[r] = (st, *_reference(st, *data[r], chunks))
+    _, ref_loss, ref_out = refs[e]
+    exp_loss = ref_loss.chunk(2)[1] if first else ref_loss.chunk(2)[0]
+    exp_out = ref_out.chunk(2)[1] if first else ref_out.chunk(2)[0]
+    # the experts' partial sums come back per rank: equal up to fp32 rounding
+    assert torch.allclose(loss, exp_loss, rtol=1e-5, atol=0), (loss, exp_loss)
+    assert torch.allclose(out, exp_out, rtol=1e-4, atol=1e-5)
+    # gradients: the mirrored copies summed over the pipeline ranks of this replica
+    for slot, st_idx in ((0, p), (1, pp - 1 - p)):
+        m = mods[slot]
+        other = torch.cat([t.reshape(-1) for t in _grads_of(m)])
+        # pipeline rank 1 - p holds stage st_idx in its other slot, and needs our copy of its own stage
+        mirror = torch.empty_like(other)
+        send = torch.cat([t.reshape(-1) for t in _grads_of(mods[1 - slot])])
+        peer = e * pp + (pp - 1 - p)
+        for q in [dist.isend(send, peer), dist.irecv(mirror, peer)]:
+            q.wait()
+        total = other + mirror
+        off = 0
+        for (name, prm) in m.named_parameters():
+            n = prm.numel()
+            got = total[off: off + n].view_as(prm)
+            off += n
+            if ".experts." in name:      # sharded: both replicas' tokens, this replica's slice
+                want = sum(dict(refs[r][0][st_idx].named_parameters())[name].grad[e * L:(e + 1) * L] for r in range(ne))
+            else:
+                want = dict(refs[e][0][st_idx].named_parameters())[name].grad
+            assert _cos_diff(got, want) < 1e-10, (name, rank, _cos_diff(got, want))
