@@ -186,6 +186,8 @@ def _check_case(sched, kind, pp, rank):
     x = torch.randn(chunks * MB, T_SEQ, Hd, generator=g, dtype=dt)
     lab = torch.randn(chunks * MB, T_SEQ, Hd, generator=g, dtype=dt)
     ref_loss, ref_out = _reference(full, x, lab, chunks)
+    if kind == "linear":
+        assert full[0](x[:MB])._base is not None      # the stages really return views
     set_p2p_tensor_shapes([(MB, T_SEQ, Hd)])
     set_p2p_tensor_dtype(dt)
     first, last = rank == 0, rank == pp - 1
@@ -420,3 +422,50 @@ def _check_ep(rank, world):
             else:
                 want = dict(refs[e][0][st_idx].named_parameters())[name].grad
             assert _cos_diff(got, want) < 1e-10, (name, rank, _cos_diff(got, want))
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_zero_bubble_fp8_linear_defers_the_same_weight_gradient(fp8):
+    """ZeroBubbleFP8Linear: FP8Linear's output and input gradient; its weight gradient (the FP8 Wgrad
+    recipe) equal to FP8Linear's, computed at once or deferred to WeightGradStore.pop()."""
+    from dsmoe.nn.fp8 import FP8Linear
+    from dsmoe.parallel.pipeline import WeightGradStore
+    from dsmoe.parallel.pipeline.v3 import ZeroBubbleFP8Linear, enable_weight_grad_store
+    ref = FP8Linear(40, 24, fp8=fp8)
+    zb = enable_weight_grad_store(nn.Sequential(FP8Linear(40, 24, fp8=fp8)))[0]
+    assert type(zb) is ZeroBubbleFP8Linear
+    zb.weight.data.copy_(ref.weight.data)
+    x = torch.randn(3, 5, 40)
+    g = torch.randn(3, 5, 24)
+    outs = []
+    for m, defer in ((ref, False), (zb, False), (zb, True)):
+        m.weight.grad = None
+        xr = x.clone().requires_grad_()
+        y = m(xr)
+        WeightGradStore.clear()
+        WeightGradStore.enabled = defer
+        try:
+            y.backward(g)
+        finally:
+            WeightGradStore.enabled = False
+        if defer:
+            assert m.weight.grad is None
+            WeightGradStore.flush()
+            WeightGradStore.pop()
+        outs.append((y.detach(), xr.grad, m.weight.grad.clone()))
+    WeightGradStore.clear()
+    for o in outs[1:]:
+        assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1])
+        assert torch.allclose(o[2], outs[0][2], rtol=1e-6, atol=1e-7) if not fp8 else torch.equal(o[2], outs[0][2])
+    with pytest.raises(RuntimeError, match="no deferred"):
+        WeightGradStore.pop()
+
+
+def test_p2p_settings_are_checked():
+    from dsmoe.parallel.pipeline import set_p2p_tensor_dtype, set_p2p_tensor_shapes
+    with pytest.raises(ValueError, match="'shapes'"):
+        set_p2p_tensor_shapes([])
+    with pytest.raises(ValueError, match="'shapes'"):
+        set_p2p_tensor_shapes([(2, -1)])
+    with pytest.raises(ValueError, match="'dtype'"):
+        set_p2p_tensor_dtype(torch.int64)

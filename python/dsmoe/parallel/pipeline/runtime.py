@@ -162,7 +162,7 @@ class PipelineSchedule(nn.Module):
         m0 = modules[0]
         self.overlapped_forward_backward = (len(modules) == 2 and type(m0) is type(modules[1])
                                             and hasattr(type(m0), "overlapped_forward_backward"))
-        self.record_timeline = False
+        self.record_timeline = False   # True: self.timeline gets (op, start, end) per op of the last step
         self.timeline: list = []
 
     # ------------------------------------------------------------------ per-schedule
@@ -175,9 +175,9 @@ class PipelineSchedule(nn.Module):
     def _check_chunks(self, num_chunks: int) -> None:
         pass
 
-    def _feeds(self):
-        """{(slot): chunk count} of first stages fed by this rank's inputs, and the slot whose last stage
-        computes the loss here (or None)."""
+    def _feeds(self, num_chunks: int):
+        """``(slot fed by this rank's inputs or None, micro-batches per fed path, slot whose last stage
+        computes the loss here or None)``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ step
@@ -208,6 +208,7 @@ class PipelineSchedule(nn.Module):
         if loss_slot is not None:
             self.labels = scatter(labels, n_feed, self.batch_dim, "labels") if len(labels) else [()] * n_feed
         prog = PROGRAMS[self.kind](self.num_ranks, self.rank, num_chunks)
+        self.timeline = []
         if self.forward_only:
             prog = [Op("F", o.slot, o.chunk) if o.kind == "FB" else o for o in prog if o.kind in ("F", "FB")]
         try:
