@@ -255,6 +255,7 @@ def _worker(rank, world, port, cases):
             _check_train(rank)
         if world == 4:
             _check_ep(rank, world)
+            _check_train(rank, ep=2)
     finally:
         dist.destroy_process_group()
 
@@ -294,14 +295,15 @@ def _check_errors(rank):
         DualPipe(mods, batch_dim=-1)
 
 
-def _check_train(rank):
+def _check_train(rank, ep=1):
     """`dsmoe train --pp 2`'s loop (embedding + MTP head stages, the ids carried along, balance losses
     attached to the activations, gradients summed over the ranks): the single-process loss curve.
-    DualPipeV with 4 stages over the micro preset's 2 layers also has stages without layers."""
+    DualPipeV with 4 stages over the micro preset's 2 layers also has stages without layers; ``ep=2``:
+    two replicas with their routed experts split between them (four processes)."""
     from dsmoe.train import train, train_pipeline
     ref = train("micro", fp8=False, steps=2, progress=False)[2] if rank == 0 else None
-    for sched in ("dualpipe", "dualpipev"):
-        hist = train_pipeline("micro", pp=2, schedule=sched, fp8=False, steps=2, progress=False)[2]
+    for sched in ("dualpipe", "dualpipev") if ep == 1 else ("dualpipe",):
+        hist = train_pipeline("micro", pp=2, schedule=sched, fp8=False, steps=2, progress=False, ep=ep)[2]
         if rank == 0:
             for k in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
                 assert hist[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-9), (sched, k, hist[k], ref[k])

@@ -102,12 +102,15 @@ def train(preset: str = "tiny", *, fp8: bool = True, steps: int | None = None, d
 
 def train_pipeline(preset: str = "tiny", *, pp: int, schedule: str = "dualpipe", num_chunks: int | None = None,
                    fp8: bool = True, steps: int | None = None, seed: int = 0, progress: bool = True,
-                   batch: int | None = None, lr: float | None = None):
+                   batch: int | None = None, lr: float | None = None, ep: int = 1):
     """``train`` with the model cut into pipeline stages over the ``pp`` processes of the default group
     (torchrun; gloo on CPU). Every rank draws the same batches and builds the same model; each runs its
     stages' compute, the gradients are summed over the ranks (:func:`dsmoe.parallel.pipeline.model.sync_grads`)
     and the optimizer step is replicated, so every rank ends with the model the single-process run
-    would have (up to the order of floating-point sums). Returns ``(model, task, history)`` on every rank."""
+    would have (up to the order of floating-point sums). ``ep > 1``: ``pp * ep`` processes, global rank
+    ``e * pp + p`` is pipeline rank p of replica e; each replica takes ``1/ep`` of the batch and the
+    routed experts of the main layers are split over the replicas (the MTP module's are not).
+    Returns ``(model, task, history)`` on every rank."""
     import torch.distributed as dist
 
     from .data import PermutedCopyTask
@@ -120,11 +123,20 @@ def train_pipeline(preset: str = "tiny", *, pp: int, schedule: str = "dualpipe",
     batch = P["batch"] if batch is None else batch
     lr = P["lr"] if lr is None else lr
     n_chunks = num_chunks or 2 * pp
-    rank = dist.get_rank()
-    if dist.get_world_size() != pp:
-        raise ValueError(f"train_pipeline: --pp {pp} needs {pp} processes, torchrun started {dist.get_world_size()}")
-    if batch % n_chunks:
-        raise ValueError(f"train_pipeline: --batch {batch} must be a multiple of the number of micro-batches {n_chunks}")
+    grank = dist.get_rank()
+    if dist.get_world_size() != pp * ep:
+        raise ValueError(f"train_pipeline: --pp {pp} --ep {ep} needs {pp * ep} processes, torchrun started "
+                         f"{dist.get_world_size()}")
+    if batch % (n_chunks * ep):
+        raise ValueError(f"train_pipeline: --batch {batch} must be a multiple of micro-batches x expert-parallel "
+                         f"replicas = {n_chunks} x {ep}")
+    e_rank, rank = divmod(grank, pp)
+    pipe_group = ep_group = None
+    if ep > 1:
+        # every process creates every group, in the same order
+        pipe_groups = [dist.new_group([r * pp + q for q in range(pp)]) for r in range(ep)]
+        ep_groups = [dist.new_group([r * pp + q for r in range(ep)]) for q in range(pp)]
+        pipe_group, ep_group = pipe_groups[e_rank], ep_groups[rank]
     task = PermutedCopyTask(**P["task"], seed=seed)
     torch.manual_seed(seed)
     cfg = preset_config(preset, task.vocab_size)
@@ -134,39 +146,48 @@ def train_pipeline(preset: str = "tiny", *, pp: int, schedule: str = "dualpipe",
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
     n_stages = 2 * pp if schedule == "dualpipev" else pp
-    stages = split_stages(model, n_stages, aux_scale=1.0 / n_chunks)
-    if schedule == "dualpipe":
-        pipe = pl.DualPipe((stages[rank], stages[pp - 1 - rank]))
-    elif schedule == "dualpipev":
-        pipe = pl.DualPipeV((stages[rank], stages[2 * pp - 1 - rank]))
+    held = {"dualpipe": (rank, pp - 1 - rank), "dualpipev": (rank, 2 * pp - 1 - rank), "1f1b": (rank,)}[schedule]
+    links = moes = ()
+    if ep > 1:
+        stages, links, moes = split_stages(model, n_stages, aux_scale=1.0 / (n_chunks * ep), ep_group=ep_group,
+                                           held=held, fp8=fp8)
     else:
-        pipe = pl.OneFOneB(stages[rank])
-    mb = batch // n_chunks
+        stages = split_stages(model, n_stages, aux_scale=1.0 / n_chunks)
+    mods = tuple(stages[s] for s in held)
+    if schedule == "dualpipe":
+        pipe = pl.DualPipe(mods, process_group=pipe_group)
+    elif schedule == "dualpipev":
+        pipe = pl.DualPipeV(mods, process_group=pipe_group)
+    else:
+        pipe = pl.OneFOneB(mods[0], process_group=pipe_group)
+    mb = batch // (n_chunks * ep)
     pl.set_p2p_tensor_shapes([(mb, task.seq_len, cfg.hidden_size), (mb, task.seq_len)])
     pl.set_p2p_tensor_dtype(torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     hist = {"loss": [], "lm_loss": [], "mtp_loss": [], "aux_loss": [], "load": [], "fp8": fp8}
     it = range(steps)
     bar = None
-    if progress and rank == 0:
+    if progress and grank == 0:
         from tqdm import tqdm
-        bar = tqdm(it, desc=f"train {preset} pp={pp} {schedule} ({'fp8' if fp8 else 'bf16'})", dynamic_ncols=True)
+        bar = tqdm(it, desc=f"train {preset} pp={pp} ep={ep} {schedule} ({'fp8' if fp8 else 'bf16'})", dynamic_ncols=True)
         it = bar
     first, last = rank == 0, rank == pp - 1
     for step in it:
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, P["warmup"])
         x, y = task.batch(batch, gen)
+        if ep > 1:                            # this replica's share of the batch
+            x, y = x.chunk(ep)[e_rank], y.chunk(ep)[e_rank]
         xf = x.float()
         record = []
-        crit = lm_criterion(cfg, n_chunks, record)
+        crit = lm_criterion(cfg, n_chunks * ep, record)
         for s in stages:
             s.aux_total = 0.0
             if s.head is not None:
                 s.head.aux_total = 0.0
         opt.zero_grad(set_to_none=True)
         if schedule == "dualpipe":
-            half = batch // 2
+            half = x.shape[0] // 2
             inp = (xf[:half],) if first else (xf[half:],) if last else ()
             lab = (y[half:],) if first else (y[:half],) if last else ()
         elif schedule == "dualpipev":
@@ -174,7 +195,7 @@ def train_pipeline(preset: str = "tiny", *, pp: int, schedule: str = "dualpipe",
         else:
             inp, lab = ((xf,) if first else ()), ((y,) if last else ())
         pipe.step(*inp, num_chunks=n_chunks, criterion=crit, labels=lab)
-        sync_grads(model)
+        sync_grads(model, links=links, moes=moes)
         aux = sum(s.aux_total for s in set(pipe.module)) + sum(s.head.aux_total for s in set(pipe.module) if s.head is not None)
         sums = torch.tensor([sum(r[0] for r in record), sum(r[1] for r in record), aux, len(record)], dtype=torch.float64)
         dist.all_reduce(sums)
@@ -283,6 +304,8 @@ def _parser():
                    help="pipeline-parallel processes (launch with torchrun --nproc-per-node PP); see docs/pipeline.md")
     p.add_argument("--pp-schedule", default="dualpipe", choices=["dualpipe", "dualpipev", "1f1b"])
     p.add_argument("--chunks", type=positive_int, default=None, help="micro-batches per step with --pp (default 2*PP)")
+    p.add_argument("--ep", type=positive_int, default=1,
+                   help="with --pp: expert-parallel replicas (torchrun starts PP*EP processes)")
     return p
 
 
@@ -310,7 +333,7 @@ def _main(argv):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
     kw = dict(steps=a.steps, device=dev, seed=a.seed, progress=not a.no_progress, batch=a.batch, lr=a.lr)
-    if a.pp > 1:
+    if a.pp > 1 or a.ep > 1:
         return _main_pipeline(a, out_dir, t0)
     model, task, hist = train(a.preset, fp8=not a.bf16, **kw)
     other = None
@@ -369,23 +392,26 @@ def _main_pipeline(a, out_dir, t0):
         raise CLIError("--compare: not with --pp (run the two precisions separately)")
     if a.device not in (None, "cpu"):
         raise CLIError(f"--device {a.device}: --pp runs on the CPU (gloo) here; the NCCL path is not wired into the CLI yet")
+    n = a.pp * a.ep
+    if a.pp < 2:
+        raise CLIError(f"--ep {a.ep}: only with --pp >= 2 (expert parallelism inside the pipeline)")
     if "WORLD_SIZE" not in os.environ:
-        raise CLIError(f"--pp {a.pp}: launch with torchrun --nproc-per-node {a.pp} -m dsmoe train ...")
-    if int(os.environ["WORLD_SIZE"]) != a.pp:
-        raise CLIError(f"--pp {a.pp}: torchrun started {os.environ['WORLD_SIZE']} processes")
+        raise CLIError(f"--pp {a.pp}: launch with torchrun --nproc-per-node {n} -m dsmoe train ...")
+    if int(os.environ["WORLD_SIZE"]) != n:
+        raise CLIError(f"--pp {a.pp} --ep {a.ep}: needs {n} processes, torchrun started {os.environ['WORLD_SIZE']}")
     if a.pp_schedule == "dualpipe" and a.pp % 2:
         raise CLIError(f"--pp {a.pp}: DualPipe needs an even number of ranks (--pp-schedule dualpipev takes any)")
     dist.init_process_group("gloo")
     try:
         model, task, hist = train_pipeline(a.preset, pp=a.pp, schedule=a.pp_schedule, num_chunks=a.chunks,
                                            fp8=not a.bf16, steps=a.steps, seed=a.seed, progress=not a.no_progress,
-                                           batch=a.batch, lr=a.lr)
+                                           batch=a.batch, lr=a.lr, ep=a.ep)
         if dist.get_rank() != 0:
             return 0
         n_steps = len(hist["lm_loss"])
         w = min(FINAL_WINDOW, n_steps)
         ev = evaluate(model, task, n=EVAL_SEQUENCES)
-        summary = {"preset": a.preset, "device": "cpu", "fp8": not a.bf16, "steps": n_steps, "pp": a.pp,
+        summary = {"preset": a.preset, "device": "cpu", "fp8": not a.bf16, "steps": n_steps, "pp": a.pp, "ep": a.ep,
                    "pp_schedule": a.pp_schedule, "loss_floor": task.loss_floor, "mtp_loss_floor": task.mtp_loss_floor,
                    "final_lm_loss_mean": _mean_last(hist["lm_loss"], w), "final_lm_loss_window_steps": w, **ev,
                    "eval_sequences": EVAL_SEQUENCES}
@@ -400,7 +426,7 @@ def _main_pipeline(a, out_dir, t0):
                 json.dump({**summary, "history": {k: v for k, v in hist.items() if k != "load"}}, f)
         except OSError as e:
             raise CLIError(f"--out {out_dir}: writing the results failed ({e})", 1) from None
-        print(f"pipeline: {a.pp} ranks, {a.pp_schedule}; final train LM loss (mean of the last {w} steps): "
+        print(f"pipeline: {a.pp} ranks x {a.ep} expert-parallel, {a.pp_schedule}; final train LM loss (mean of the last {w} steps): "
               f"{summary['final_lm_loss_mean']:.4f} (floor {task.loss_floor:.4f}); held-out LM loss {ev['eval_lm_loss']:.4f}; "
               f"task accuracy {100 * ev['accuracy']:.1f}%")
         print(f"wrote {out_dir}/loss.png, {out_dir}/expert_load.png, {out_dir}/checkpoint/ (HF format), "

@@ -61,16 +61,50 @@ def stage_indices(num_layers: int, num_stages: int) -> list:
     return out
 
 
-def split_stages(model, num_stages: int, *, aux_scale: float) -> list:
-    """``num_stages`` :class:`DecoderStage` over ``model``'s layers (sharing its parameters)."""
+def expert_parallel_layer(layer, ep_group, *, fp8: bool):
+    """A shallow copy of ``layer`` whose MoE runs expert-parallel over ``ep_group``: the gate and the shared
+    experts are the layer's own modules, the routed experts this rank's rows of its stacked weights
+    (the same storage: an optimizer step on the full model updates them). Returns ``(copy, links)``,
+    links = ``[(full param, local param, first row)]`` for :func:`sync_grads`."""
+    import copy
+
+    from ...nn.moe import MoE
+    full = layer.mlp
+    ep = MoE(full.cfg, fp8=fp8, ep_group=ep_group).train(full.training)
+    ep.gate, ep.shared_experts = full.gate, full.shared_experts
+    L = ep.experts.num_experts
+    lo = ep.ep_rank * L
+    links = []
+    for n in ("gate_proj", "up_proj", "down_proj"):
+        w = getattr(full.experts, n)
+        local = nn.Parameter(w.data[lo: lo + L])
+        setattr(ep.experts, n, local)
+        links.append((w, local, lo))
+    out = copy.copy(layer)
+    out._modules = dict(layer._modules)
+    out.mlp = ep
+    return out, links, (full, ep)
+
+
+def split_stages(model, num_stages: int, *, aux_scale: float, ep_group=None, held=(), fp8: bool = True):
+    """``num_stages`` :class:`DecoderStage` over ``model``'s layers (sharing its parameters). With
+    ``ep_group``, the MoE layers of the stages in ``held`` run expert-parallel over it (see
+    :func:`expert_parallel_layer`); returns ``(stages, links, moes)`` then."""
     rot = model.model.rotary_emb
-    stages = []
+    stages, links, moes = [], [], []
     for s, rng in enumerate(stage_indices(model.config.num_hidden_layers, num_stages)):
-        stages.append(DecoderStage([model.model.layers[i] for i in rng], rot,
+        layers = [model.model.layers[i] for i in rng]
+        if ep_group is not None and s in held:
+            for j, lay in enumerate(layers):
+                if hasattr(lay.mlp, "experts"):
+                    layers[j], lk, pair = expert_parallel_layer(lay, ep_group, fp8=fp8)
+                    links += lk
+                    moes.append(pair)
+        stages.append(DecoderStage(layers, rot,
                                    embed=model.model.embed_tokens if s == 0 else None,
                                    head=LMHead(model, aux_scale) if s == num_stages - 1 else None,
                                    carry_ids=True, aux_scale=aux_scale))
-    return stages
+    return (stages, links, moes) if ep_group is not None else stages
 
 
 def lm_criterion(cfg, n_chunks: int, record: list):
@@ -96,11 +130,21 @@ def lm_criterion(cfg, n_chunks: int, record: list):
     return criterion
 
 
-def sync_grads(model, group=None) -> None:
-    """Sums every parameter's gradient (and every MoE load counter) over the pipeline ranks: a stage
-    held by two ranks (DualPipe's mirrors) or a parameter used by two stages (the embedding, read by
-    stage 0 and the MTP head) gets its total gradient everywhere; a rank that never used a parameter
-    contributes zeros."""
+def sync_grads(model, group=None, links=(), moes=()) -> None:
+    """Sums every parameter's gradient (and every MoE load counter) over the ranks: a stage held by two
+    ranks (DualPipe's mirrors), a parameter used by two stages (the embedding, read by stage 0 and the
+    MTP head) or by several expert-parallel replicas gets its total gradient everywhere; a rank that
+    never used a parameter contributes zeros. ``links``/``moes`` (from :func:`split_stages`): the local
+    expert rows' gradients and loads are first put in their place in the full model's."""
+    for full, local, lo in links:
+        if local.grad is not None:
+            if full.grad is None:
+                full.grad = torch.zeros_like(full)
+            full.grad[lo: lo + local.shape[0]] += local.grad
+            local.grad = None
+    for full, ep in moes:
+        full.load += ep.load
+        ep.load.zero_()
     ps = list(model.parameters())
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in ps])
     dist.all_reduce(flat, group=group)
