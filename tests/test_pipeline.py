@@ -426,19 +426,20 @@ def _check_ep(rank, world):
             assert _cos_diff(got, want) < 1e-10, (name, rank, _cos_diff(got, want))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("fp8", [True, False])
-def test_zero_bubble_fp8_linear_defers_the_same_weight_gradient(fp8):
+def test_zero_bubble_fp8_linear_defers_the_same_weight_gradient(fp8, device):
     """ZeroBubbleFP8Linear: FP8Linear's output and input gradient; its weight gradient (the FP8 Wgrad
     recipe) equal to FP8Linear's, computed at once or deferred to WeightGradStore.pop()."""
     from dsmoe.nn.fp8 import FP8Linear
     from dsmoe.parallel.pipeline import WeightGradStore
     from dsmoe.parallel.pipeline.v3 import ZeroBubbleFP8Linear, enable_weight_grad_store
-    ref = FP8Linear(40, 24, fp8=fp8)
-    zb = enable_weight_grad_store(nn.Sequential(FP8Linear(40, 24, fp8=fp8)))[0]
+    ref = FP8Linear(40, 24, fp8=fp8).to(device)
+    zb = enable_weight_grad_store(nn.Sequential(FP8Linear(40, 24, fp8=fp8)))[0].to(device)
     assert type(zb) is ZeroBubbleFP8Linear
     zb.weight.data.copy_(ref.weight.data)
-    x = torch.randn(3, 5, 40)
-    g = torch.randn(3, 5, 24)
+    x = torch.randn(3, 5, 40, device=device)
+    g = torch.randn(3, 5, 24, device=device)
     outs = []
     for m, defer in ((ref, False), (zb, False), (zb, True)):
         m.weight.grad = None
@@ -471,3 +472,22 @@ def test_p2p_settings_are_checked():
         set_p2p_tensor_shapes([(2, -1)])
     with pytest.raises(ValueError, match="'dtype'"):
         set_p2p_tensor_dtype(torch.int64)
+
+
+def test_train_cli_pipeline_errors(monkeypatch, tmp_path, capsys):
+    from dsmoe.train import main
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = str(tmp_path / "run")
+    for argv, msg in ((["--pp", "2"], "launch with torchrun --nproc-per-node 2"),
+                      (["--pp", "2", "--ep", "2"], "launch with torchrun --nproc-per-node 4"),
+                      (["--ep", "2"], "--ep 2: only with --pp >= 2"),
+                      (["--pp", "3"], "DualPipe needs an even number"),
+                      (["--pp", "2", "--compare"], "--compare: not with --pp"),
+                      (["--pp", "2", "--chunks", "3"], "--chunks 3: dualpipe needs at least 2 * PP = 4"),
+                      (["--pp", "2", "--batch", "10"], "--batch 10: must split into --chunks 4")):
+        assert main(["--preset", "micro", "--out", out, *argv]) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["--preset", "micro", "--out", out, "--pp", "2"]) == 2
+    assert "needs 2 processes, torchrun started 3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -395,12 +395,20 @@ def _main_pipeline(a, out_dir, t0):
     n = a.pp * a.ep
     if a.pp < 2:
         raise CLIError(f"--ep {a.ep}: only with --pp >= 2 (expert parallelism inside the pipeline)")
+    if a.pp_schedule == "dualpipe" and a.pp % 2:
+        raise CLIError(f"--pp {a.pp}: DualPipe needs an even number of ranks (--pp-schedule dualpipev takes any)")
+    chunks = a.chunks or 2 * a.pp
+    batch = a.batch or PRESETS[a.preset]["batch"]
+    if a.pp_schedule != "1f1b" and (chunks < 2 * a.pp or (a.pp_schedule == "dualpipe" and chunks % 2)):
+        raise CLIError(f"--chunks {chunks}: {a.pp_schedule} needs at least 2 * PP = {2 * a.pp} micro-batches"
+                       + (", an even number" if a.pp_schedule == "dualpipe" else ""))
+    if batch % (chunks * a.ep):
+        raise CLIError(f"--batch {batch}: must split into --chunks {chunks} micro-batches on each of --ep {a.ep} replicas"
+                       f" (a multiple of {chunks * a.ep})")
     if "WORLD_SIZE" not in os.environ:
         raise CLIError(f"--pp {a.pp}: launch with torchrun --nproc-per-node {n} -m dsmoe train ...")
     if int(os.environ["WORLD_SIZE"]) != n:
         raise CLIError(f"--pp {a.pp} --ep {a.ep}: needs {n} processes, torchrun started {os.environ['WORLD_SIZE']}")
-    if a.pp_schedule == "dualpipe" and a.pp % 2:
-        raise CLIError(f"--pp {a.pp}: DualPipe needs an even number of ranks (--pp-schedule dualpipev takes any)")
     dist.init_process_group("gloo")
     try:
         model, task, hist = train_pipeline(a.preset, pp=a.pp, schedule=a.pp_schedule, num_chunks=a.chunks,
