@@ -219,7 +219,6 @@ def _check_case(sched, kind, pp, rank):
         assert torch.equal(loss, exp_loss), (where, loss, exp_loss)
         assert torch.equal(out, exp_out), where
     # every stage's gradient: the sum over the ranks holding a copy of it (DualPipe mirrors each stage)
-    held = {rank: None}
     mine_stage = [rank if s == 0 else (pp - 1 - rank if sched == "dualpipe" else 2 * pp - 1 - rank)
                   for s in range(len(mods))]
     sizes = [sum(p.numel() for p in m.parameters()) for m in full]
@@ -234,7 +233,6 @@ def _check_case(sched, kind, pp, rank):
         assert want.abs().sum() > 0, where
         got = total[off: off + sizes[st]]
         assert _cos_diff(got, want) < 1e-12, (where, st, _cos_diff(got, want))
-    del held
     # forward only: same losses and outputs
     with torch.no_grad():
         loss, out = pipe.step(*args, num_chunks=chunks, criterion=_criterion, labels=labels, return_outputs=True)

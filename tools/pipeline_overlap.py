@@ -13,7 +13,6 @@ and waiting for an exchange both count as idle. Prints a Markdown table (docs/pi
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 
