@@ -258,6 +258,29 @@ def _check(group, world):
     except ValueError as e:
         assert R > small and "num_worst_tokens" in str(e)
 
+    # --- an autograd wrapper as Megatron's fused all-to-all builds one: dispatch forward / combine (with the
+    # top-k weights' gradients) backward, combine forward / cached dispatch backward, the handle kept in ctx.
+    # Experts scale a row by sum_j w_j * (global expert id + 1), so out[t] = x[t] * a[t] with
+    # a[t] = sum_{j: id >= 0} w[t, j] * (id + 1); gradients are checked against that formula in float64.
+    for use_async in (False, True):
+        xg = x.float().requires_grad_()
+        pg = topk_weights.clone().requires_grad_()
+        rx, ri, rp, cnt, hd = _MegatronDispatch.apply(xg, topk_idx, pg, E, buffer, use_async)
+        assert isinstance(hd, tuple) and len(hd) == 6 and cnt.tolist() == mine_expert
+        gid = torch.where(ri >= 0, ri + rank * L + 1, 0).float()
+        out, none = _MegatronCombine.apply(rx * (rp * gid).sum(1, keepdim=True), buffer, hd, use_async)
+        assert none is None
+        G = torch.randn(T, H, generator=torch.Generator().manual_seed(300 + rank))
+        (out * G).sum().backward()
+        xd = x.double().requires_grad_()
+        pd = topk_weights.double().requires_grad_()
+        ref_out = xd * (pd * torch.where(topk_idx >= 0, topk_idx + 1, 0).double()).sum(1, keepdim=True)
+        (ref_out * G.double()).sum().backward()
+        assert torch.allclose(out.double(), ref_out.detach(), rtol=1e-5, atol=1e-4)
+        assert torch.allclose(xg.grad.double(), xd.grad, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(pg.grad.double(), pd.grad, rtol=1e-5, atol=1e-3)
+        assert (pg.grad[topk_idx < 0] == 0).all()
+
     # --- errors on every rank, before any collective (so nobody waits)
     def raises(exc, words, fn):
         with pytest.raises(exc) as ei:
@@ -319,6 +342,55 @@ def _check(group, world):
     raises(RuntimeError, ["destroyed"], lambda: b2.dispatch(x, **lay))
 
 
+class _MegatronDispatch(torch.autograd.Function):
+    """Megatron-style: layout + dispatch forward; backward combines the row gradients and the top-k weight
+    gradients through the saved handle."""
+
+    @staticmethod
+    def forward(ctx, x, idx, probs, num_experts, buffer, use_async):
+        prev = deep_ep.EventOverlap(deep_ep.EventHandle()) if use_async else None
+        ntpr, ntprdma, ntpe, in_rank, ev = buffer.get_dispatch_layout(
+            idx, num_experts, previous_event=prev, async_finish=use_async, allocate_on_comm_stream=use_async)
+        rx, ri, rp, counts, handle, ev = buffer.dispatch(
+            x, topk_idx=idx, topk_weights=probs, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=ntprdma,
+            is_token_in_rank=in_rank, num_tokens_per_expert=ntpe, previous_event=ev, async_finish=use_async,
+            allocate_on_comm_stream=use_async)
+        if use_async:
+            ev.current_stream_wait()
+        ctx.buffer, ctx.handle, ctx.use_async = buffer, handle, use_async
+        return rx, ri, rp, torch.tensor(counts), handle
+
+    @staticmethod
+    def backward(ctx, g_x, g_idx, g_probs, g_counts, g_handle):
+        prev = deep_ep.EventOverlap(deep_ep.EventHandle()) if ctx.use_async else None
+        gx, gp, ev = ctx.buffer.combine(g_x.contiguous(), ctx.handle, topk_weights=g_probs.float(),
+                                        previous_event=prev, async_finish=ctx.use_async,
+                                        allocate_on_comm_stream=ctx.use_async)
+        if ctx.use_async:
+            ev.current_stream_wait()
+        return gx, None, gp, None, None, None
+
+
+class _MegatronCombine(torch.autograd.Function):
+    """Megatron-style: combine forward, cached dispatch of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, y, buffer, handle, use_async):
+        out, _, ev = buffer.combine(y, handle=handle, async_finish=use_async,
+                                    previous_event=deep_ep.Buffer.capture() if use_async else None)
+        if use_async:
+            ev.current_stream_wait()
+        ctx.buffer, ctx.handle, ctx.use_async = buffer, handle, use_async
+        return out, None
+
+    @staticmethod
+    def backward(ctx, g, _):
+        gy, *_, ev = ctx.buffer.dispatch(g.contiguous(), handle=ctx.handle, async_finish=ctx.use_async)
+        if ctx.use_async:
+            ev.current_stream_wait()
+        return gy, None, None, None
+
+
 def _worker(rank, world, port):
     """3 processes: every check on the world group, then on the group of global ranks {0, 2} (global rank 2 is
     group rank 1), while global rank 1 waits. One spawn for both sizes: process start-up dominates."""
@@ -377,6 +449,28 @@ def test_config_and_static_api():
             deep_ep.Buffer.set_num_sms(23)
     finally:
         deep_ep.Buffer.num_sms = old
+    # the buffer sizing frameworks run at setup (Megatron's get_buffer, SGLang's DeepEPBuffer) at EP sizes
+    # beyond one node and with FP8 (1-byte) hidden sizes
+    for n in (1, 2, 3, 4, 8, 16, 64, 160):
+        for hb in (7168 * 2, 7168, 2050):
+            for cfg in (deep_ep.Buffer.get_dispatch_config(n), deep_ep.Buffer.get_combine_config(n)):
+                assert cfg.get_nvl_buffer_size_hint(hb, n) > 0 and cfg.get_rdma_buffer_size_hint(hb, n) == 0
+    # EventOverlap's hook, release and `with event(release_handle=True):` forms
+    ev, calls = deep_ep.Buffer.capture(), []
+    ev.register_hook_after_wait(lambda: calls.append(1))
+    with pytest.raises(RuntimeError, match="already"):
+        ev.register_hook_after_wait(lambda: None)
+    ev.current_stream_wait()
+    ev.current_stream_wait()
+    assert calls == [1] and ev.event is not None
+    with ev(release_handle=True):
+        pass
+    assert ev.event is None
+    with ev:  # nothing left to wait on: a no-op, as in DeepEP
+        pass
+    ev2 = deep_ep.EventOverlap(deep_ep.EventHandle())
+    ev2.current_stream_wait(release_handle=True)
+    assert ev2.event is None
     assert isinstance(deep_ep.Buffer.capture(), deep_ep.EventOverlap)
     deep_ep.Buffer.capture().current_stream_wait()  # an event on the current stream (nothing pending on CPU)
     with pytest.raises(NotImplementedError):

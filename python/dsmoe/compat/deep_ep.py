@@ -104,24 +104,47 @@ class EventHandle:
 
 class EventOverlap:
     """DeepEP's event wrapper: ``current_stream_wait()`` makes the current stream wait for the event, and
-    ``with event:`` does so on exit. Calls made with ``async_finish=False`` return one without an event."""
+    ``with event:`` (or ``with event(release_handle=True):``) does so on exit. Calls made with
+    ``async_finish=False`` return one without an event."""
 
     def __init__(self, event: EventHandle | None = None, extra_tensors=None):
         self.event = event
         self.extra_tensors = extra_tensors  # kept alive until the event is waited on (DeepEP's contract)
+        self.hook_after_wait = None
+        self._release_on_exit = False
 
-    def current_stream_wait(self) -> None:
+    def current_stream_wait(self, release_handle: bool = False) -> None:
         if self.event is None:
             raise RuntimeError(_err("EventOverlap.current_stream_wait", "this EventOverlap holds no event (the call "
                                     "ran with async_finish=False; only async calls return one to wait on)"))
         self.event.current_stream_wait()
+        if self.hook_after_wait is not None:
+            hook, self.hook_after_wait = self.hook_after_wait, None
+            hook()
+        if release_handle:
+            self.event = None
+
+    def register_hook_after_wait(self, hook_after_wait) -> None:
+        """``hook_after_wait()`` runs once, right after the next ``current_stream_wait()``."""
+        if self.hook_after_wait is not None:
+            raise RuntimeError(_err("EventOverlap.register_hook_after_wait", "a hook is already registered"))
+        if not callable(hook_after_wait):
+            raise TypeError(_err("EventOverlap.register_hook_after_wait", f"argument 'hook_after_wait' must be "
+                                 f"callable, got {type(hook_after_wait).__name__}"))
+        self.hook_after_wait = hook_after_wait
+
+    def __call__(self, release_handle: bool = False) -> "EventOverlap":
+        # NOTE: returns self, so `with event(release_handle=True):` waits on this very event at exit
+        self._release_on_exit = release_handle
+        return self
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc_val, exc_tb):
         if self.event is not None:
-            self.event.current_stream_wait()
+            self.current_stream_wait(release_handle=self._release_on_exit)
+        self._release_on_exit = False
 
 
 # ----------------------------------------------------------------------------- config
