@@ -197,6 +197,18 @@ def _check(group, world):
     (cq, cs), *_ = buffer.dispatch((q2, s2.t().contiguous().t()), handle=h8)  # column-major scales too
     assert torch.equal(cq.view(torch.uint8), ex2[1]) and torch.equal(cs, ex2[2])
 
+    # --- any scale count per row (DeepEP takes [T, num_scales]): per-token scales [T, 1] (vLLM's per-token
+    # quantization) and 3 columns, fresh and cached, then combine over that handle
+    (tq, ts), ti, tw, tl, th, _ = buffer.dispatch((q, sc[:, :1] * 3), num_tokens_per_rank=ntpr,
+                                                  is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
+                                                  topk_idx=topk_idx, topk_weights=topk_weights)
+    assert tq.dtype == torch.float8_e4m3fn and ts.dtype == torch.float32 and ts.shape == (R, 1)
+    assert torch.equal(tq.view(torch.uint8), ex_q) and torch.equal(ts, ex_s[:, :1] * 3)
+    assert torch.equal(ti, ex_idx) and torch.equal(tw, ex_w) and tl == mine_expert
+    assert torch.equal(th[3], ex_src) and torch.equal(th[0], M.cumsum(0).to(torch.int32))
+    (cq3, cs3), *_ = buffer.dispatch((q2, torch.cat([s2, s2[:, :1]], 1)), handle=th)
+    assert torch.equal(cq3.view(torch.uint8), ex2[1]) and torch.equal(cs3, torch.cat([ex2[2], ex2[2][:, :1]], 1))
+
     # --- combine: an unweighted sum over the ranks a token went to, fp32, rounded once; weights summed too.
     # Receiver r scales its rows by (r + 1): token t comes back as sum_r in_rank[t, r] * bf16((r + 1) x[t]).
     y = (recv_x.float() * (rank + 1)).bfloat16()
@@ -234,6 +246,8 @@ def _check(group, world):
     # FP8 dispatch combines bf16 rows
     cx8, _, _ = buffer.combine(y, h8)
     assert torch.equal(cx8, ref.bfloat16())
+    cxt, cwt, _ = buffer.combine(y, th, topk_weights=tw)
+    assert torch.equal(cxt, ref.bfloat16()) and torch.equal(cwt, cw)
 
     # --- num_worst_tokens (Megatron): padded outputs, -1 ids past the received rows, empty count list
     NW = sum(TOKENS[world])
@@ -299,7 +313,9 @@ def _check(group, world):
     raises(ValueError, ["num_worst_tokens", "topk_idx"], lambda: buffer.dispatch(x, **lay, num_worst_tokens=4))
     raises(ValueError, ["expert_alignment"], lambda: buffer.dispatch(x, **lay, expert_alignment=0))
     raises(NotImplementedError, ["UE8M0"], lambda: buffer.dispatch((q, sc.int()), **lay))
-    raises(ValueError, ["scales"], lambda: buffer.dispatch((q, sc[:, :1]), **lay))
+    raises(ValueError, ["scales"], lambda: buffer.dispatch((q, sc.flatten()), **lay))
+    raises(NotImplementedError, ["nvlink", "collective"],
+           lambda: deep_ep.Buffer(group, backend="nvlink").dispatch((q, sc[:, :1]), **lay))
     raises(TypeError, ["x"], lambda: buffer.dispatch(x.int(), **lay))
     raises(NotImplementedError, ["bias"], lambda: buffer.combine(recv_x, handle, bias=recv_x))
     raises(ValueError, ["'x'", str(R)], lambda: buffer.combine(torch.zeros(R + 1, H, dtype=torch.bfloat16), handle))

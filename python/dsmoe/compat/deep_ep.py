@@ -45,10 +45,13 @@ Differences from DeepEP (raise or documented): low-latency mode and every ``low_
 world size); ``config`` and ``allocate_on_comm_stream`` do not change the result (there is no separate
 communication stream: work runs on the current stream, and with the collective backend it has completed
 when the call returns); dispatch moves any floating dtype on the collective backend (DeepEP: bf16);
-``get_dispatch_config``/``get_combine_config`` accept any world size.
+``get_dispatch_config``/``get_combine_config`` accept any world size. FP8 payloads take any number of fp32
+scale columns, as DeepEP does; other than ``hidden // 128`` (e.g. per-token ``[T, 1]``) they travel as one
+opaque row (data bytes then scale bytes) and need the collective backend.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 
@@ -68,7 +71,7 @@ _DISPATCH_MAGIC = 0x44454550  # first header field: a rank whose call is somethi
 _COMBINE_MAGIC = 0x434F4D42
 # NOTE: both headers have 7 fields, so a rank calling dispatch while a peer calls combine is a "call" mismatch
 # (a ValueError on every rank), not an all_gather of unequal sizes
-_HDR_FIELDS = ("call", "cached", "hidden", "num_experts", "top_k", "fp8", "dtype")
+_HDR_FIELDS = ("call", "cached", "hidden", "num_experts", "top_k", "fp8 scale columns", "dtype")
 _COMB_FIELDS = ("call", "cached", "hidden", "num_experts", "topk_weights columns", "fp8", "dtype")
 _BACKENDS = ("collective", "nvlink")
 _ENV_BACKEND = "DSMOE_DEEP_EP_BACKEND"
@@ -472,6 +475,7 @@ class Buffer:
         W, me = self.group_size, self.rank
         # --- payload
         fp8 = isinstance(x, (tuple, list))
+        packed = False
         if fp8:
             if len(x) != 2:
                 raise ValueError(_err(op, f"argument 'x': the FP8 form is a pair (x_fp8, scales), got {len(x)} items"))
@@ -491,11 +495,20 @@ class Buffer:
             if sc.dtype != torch.float32:
                 raise NotImplementedError(_err(op, f"argument 'x': scales of dtype {sc.dtype} (UE8M0-packed) are not "
                                                f"supported; pass fp32 scales [num_tokens, hidden // 128]"))
-            if H % 128 or sc.shape != (T, H // 128):
-                raise ValueError(_err(op, f"argument 'x': FP8 scales must be fp32 [{T}, hidden // 128] with hidden a "
-                                      f"multiple of 128, got hidden={H} and scales {_shape(sc)}"))
+            if sc.dim() != 2 or sc.shape[0] != T or sc.shape[1] < 1:
+                raise ValueError(_err(op, f"argument 'x': FP8 scales must be fp32 [{T}, num_scales] (hidden // 128 "
+                                      f"per 128-channel block, or 1 per token), got {_shape(sc)}"))
             if sc.device != dev:
                 raise ValueError(_err(op, f"argument 'x': data and scales must be on one device, got {dev} and {sc.device}"))
+            # NOTE: EPBuffer's FP8 form carries hidden // 128 scales; any other count (per-token scales) travels
+            # as one opaque row of data bytes | scale bytes on the collective backend
+            packed = H % 128 != 0 or sc.shape[1] != H // 128
+            if packed and H % 4:
+                raise ValueError(_err(op, f"argument 'x': FP8 rows with {sc.shape[1]} scales need hidden a multiple "
+                                      f"of 4, got {H}"))
+            if packed and self.backend == "nvlink":
+                raise NotImplementedError(_err(op, f"backend='nvlink' moves FP8 rows with hidden // 128 scales, got "
+                                               f"{sc.shape[1]} scales for hidden={H}; use backend='collective'"))
         elif not xs.dtype.is_floating_point or xs.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise TypeError(_err(op, f"argument 'x' must be a floating tensor (bf16) or the (float8_e4m3fn, fp32 scales) "
                                  f"pair, got {xs.dtype}"))
@@ -578,7 +591,7 @@ class Buffer:
             raise ValueError(_err(op, f"backend='nvlink': num_topk + group size must be <= 32, got {k} + {W}"))
         L = E // W
         # --- every rank's call signature, then (non-cached) every rank's layout counts
-        sig = [_DISPATCH_MAGIC, int(cached), H, E, k, int(fp8), dtype_code(xs.dtype)]
+        sig = [_DISPATCH_MAGIC, int(cached), H, E, k, sc.shape[1] if fp8 else 0, dtype_code(xs.dtype)]
         rows = self._gather(sig, dev, "dispatch")
         diff = disagreement(rows, _HDR_FIELDS, {"dtype": dtype_name})
         if diff:
@@ -610,9 +623,20 @@ class Buffer:
             raise ValueError(_err(op, f"rank {s} dispatches {Ts[s]} tokens, more than the nvlink transport holds "
                                   f"(max_tokens_per_rank={ep.config.max_tokens_per_rank}, from 'num_nvl_bytes'="
                                   f"{self.num_nvl_bytes} unless given); raise it or use backend='collective'"))
-        payload = (xs.contiguous(), sc.contiguous()) if fp8 else xs.contiguous()
+        if packed:
+            # fp32 rows of H / 4 + S words: the collective backend moves them bit for bit
+            payload = torch.cat([xs.contiguous().view(torch.uint8), sc.contiguous().view(torch.uint8)], 1)
+            payload, move = payload.view(torch.float32), self._ep(H // 4 + sc.shape[1], E, dev)
+        else:
+            payload = (xs.contiguous(), sc.contiguous()) if fp8 else xs.contiguous()
+            move = ep
         with torch.no_grad():
-            recv, ridx, rw, _, eph = ep.dispatch(payload, aug_idx.to(torch.int32).contiguous(), aug_w.contiguous())
+            recv, ridx, rw, _, eph = move.dispatch(payload, aug_idx.to(torch.int32).contiguous(), aug_w.contiguous())
+        if packed:
+            b = recv.view(torch.uint8)
+            recv = (b[:, :H].contiguous().view(torch.float8_e4m3fn), b[:, H:].contiguous().view(torch.float32))
+            # combine sends bf16 [R, H] rows back along the same routes (the handle's dtype is what it checks)
+            eph = dataclasses.replace(eph, dtype=torch.bfloat16)
         R = sum(eph.recv_counts)
         if R != int(rank_prefix[W - 1, me]):
             raise RuntimeError(_err(op, f"received {R} rows, the layout announced {int(rank_prefix[W - 1, me])}"))
