@@ -249,6 +249,11 @@ def _check(group, world):
     cxt, cwt, _ = buffer.combine(y, th, topk_weights=tw)
     assert torch.equal(cxt, ref.bfloat16()) and torch.equal(cwt, cw)
 
+    # a handle stays valid on another Buffer of the group (Megatron rebuilds its buffer when it must grow)
+    bigger = deep_ep.Buffer(group, int(2e9), 0)
+    assert torch.equal(bigger.combine(y, handle, topk_weights=recv_w)[0], ref.bfloat16())
+    assert torch.equal(bigger.dispatch(x2, handle=handle)[0], ex2[0])
+
     # --- num_worst_tokens (Megatron): padded outputs, -1 ids past the received rows, empty count list
     NW = sum(TOKENS[world])
     (pq, ps), pi, pw, pl, ph, _ = buffer.dispatch((q, sc), num_tokens_per_rank=ntpr, is_token_in_rank=in_rank,
@@ -321,6 +326,8 @@ def _check(group, world):
     raises(ValueError, ["'x'", str(R)], lambda: buffer.combine(torch.zeros(R + 1, H, dtype=torch.bfloat16), handle))
     raises(TypeError, ["dtype"], lambda: buffer.combine(recv_x.float(), handle))
     raises(TypeError, ["handle"], lambda: buffer.combine(recv_x, tuple(handle)))
+    if group is not dist.group.WORLD:
+        raises(ValueError, ["another process group"], lambda: deep_ep.Buffer(dist.group.WORLD).combine(recv_x, handle))
     raises(ValueError, ["allocate_on_comm_stream"],
            lambda: buffer.get_dispatch_layout(topk_idx, E, allocate_on_comm_stream=True))
     bad = topk_idx.clone() if T else torch.zeros(1, TOP_K, dtype=torch.long)
@@ -353,9 +360,10 @@ def _check(group, world):
 
     # --- destroy (explicitly_destroy=True, as DeepEP requires), then calls refuse
     b2 = deep_ep.Buffer(group, explicitly_destroy=True)
-    b2.dispatch(x, **lay)
+    hb2 = b2.dispatch(x, **lay)[4]
     b2.destroy()
     raises(RuntimeError, ["destroyed"], lambda: b2.dispatch(x, **lay))
+    raises(RuntimeError, ["destroyed"], lambda: buffer.combine(recv_x, hb2))
 
 
 class _MegatronDispatch(torch.autograd.Function):

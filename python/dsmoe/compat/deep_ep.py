@@ -374,6 +374,15 @@ class Buffer:
             ep.close()
         self._buffers.clear()
 
+    def _check_handle_buffer(self, op, handle) -> None:
+        # NOTE: a DeepEP handle is plain layout tensors, valid on any buffer of its group; frameworks rebuild
+        # their buffer when a larger one is needed (Megatron's get_buffer) while autograd still holds handles
+        src = handle.buffer
+        if src is not self and src.group is not self.group:
+            raise ValueError(_err(op, "argument 'handle' comes from a Buffer of another process group"))
+        if src._destroyed:
+            raise RuntimeError(_err(op, "argument 'handle' comes from a Buffer that was destroyed"))
+
     def _check_alive(self, op):
         if self._destroyed:
             raise RuntimeError(_err(f"Buffer.{op}", "the buffer was destroyed"))
@@ -528,8 +537,7 @@ class Buffer:
                                      f"{type(handle).__name__}"))
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError(_err(op, "a cached dispatch (handle given) takes no 'topk_idx'/'topk_weights'"))
-            if handle.buffer is not self:
-                raise ValueError(_err(op, "argument 'handle' comes from another Buffer"))
+            self._check_handle_buffer(op, handle)
             in_rank = handle.is_token_in_rank
             if in_rank.shape[0] != T or in_rank.device != dev:
                 raise ValueError(_err(op, f"argument 'x' must have the handle's {in_rank.shape[0]} tokens on "
@@ -703,8 +711,7 @@ class Buffer:
         if not isinstance(handle, _Handle):
             raise TypeError(_err(op, f"argument 'handle' must be the handle of a dispatch of this module, got "
                                  f"{type(handle).__name__}"))
-        if handle.buffer is not self:
-            raise ValueError(_err(op, "argument 'handle' comes from another Buffer"))
+        self._check_handle_buffer(op, handle)
         if bias is not None:
             raise NotImplementedError(_err(op, "argument 'bias' is not supported (dsmoe's combine rounds the sum once; "
                                            "add the bias to the result)"))
