@@ -105,7 +105,7 @@ def _check(group, world):
         for e in topk_idx[t].tolist():
             if e >= 0:
                 ref_in[t, e // L] = True
-    assert torch.equal(in_rank, ref_in)
+    assert in_rank.dtype == torch.bool and in_rank.shape == (T, world) and torch.equal(in_rank, ref_in)
     assert ntpr.dtype == torch.int32 and ntpr.tolist() == ref_in.sum(0).tolist()
     assert ntpe.dtype == torch.int32 and ntpe.tolist() == [int((topk_idx == e).sum()) for e in range(E)]
     # the async form SGLang uses (previous event, comm-stream allocation)
@@ -140,6 +140,8 @@ def _check(group, world):
     assert recv_idx.dtype == torch.int64 and torch.equal(recv_idx, ex_idx)
     assert recv_w.dtype == torch.float32 and torch.equal(recv_w, ex_w)
     assert per_expert == mine_expert and per_expert == [int((recv_idx == j).sum()) for j in range(L)]
+    assert type(per_expert) is list and all(type(c) is int for c in per_expert)  # DeepEP: a Python list of ints
+    assert handle[2].dtype == handle[5].dtype == torch.int32 and handle[5].shape == (T, world)
     assert isinstance(handle, tuple) and len(handle) == 6
     assert handle[0].dtype == torch.int32 and torch.equal(handle[0], M.cumsum(0).to(torch.int32))
     assert handle[3].dtype == torch.int32 and torch.equal(handle[3], ex_src)
@@ -250,7 +252,7 @@ def _check(group, world):
     assert torch.equal(cxt, ref.bfloat16()) and torch.equal(cwt, cw)
 
     # a handle stays valid on another Buffer of the group (Megatron rebuilds its buffer when it must grow)
-    bigger = deep_ep.Buffer(group, int(2e9), 0)
+    bigger = deep_ep.Buffer(group, int(2e9), 0, low_latency_mode=False, num_qps_per_rank=20, allow_mnnvl=True)
     assert torch.equal(bigger.combine(y, handle, topk_weights=recv_w)[0], ref.bfloat16())
     assert torch.equal(bigger.dispatch(x2, handle=handle)[0], ex2[0])
 
