@@ -249,7 +249,7 @@ class Buffer:
         op = "Buffer"
         if low_latency_mode:
             raise NotImplementedError(_err(op, "low_latency_mode=True is not implemented: dsmoe provides DeepEP's "
-                                           "normal (high-throughput) mode only"))
+                                           "normal (high-throughput) mode only (SGLang: --deepep-mode normal)"))
         if enable_shrink:
             raise NotImplementedError(_err(op, "enable_shrink=True (rank masking) is not implemented"))
         if group is None:
@@ -321,7 +321,8 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(*args, **kwargs) -> int:
-        raise NotImplementedError(_err("Buffer.get_low_latency_rdma_size_hint", "low-latency mode is not implemented"))
+        raise NotImplementedError(_err("Buffer.get_low_latency_rdma_size_hint", "low-latency mode is not implemented; "
+                                       "configure the framework for normal mode only (SGLang: --deepep-mode normal)"))
 
     # ------------------------------------------------------------------ not implemented
     def _no_low_latency(self, name):
