@@ -302,6 +302,16 @@ def _check(group, world):
         assert torch.allclose(pg.grad.double(), pd.grad, rtol=1e-5, atol=1e-3)
         assert (pg.grad[topk_idx < 0] == 0).all()
 
+    # --- no tokens anywhere: empty outputs of the right shapes, counts all 0, combine of nothing
+    z = buffer.get_dispatch_layout(topk_idx[:0], E)
+    assert z[3].shape == (0, world) and z[0].tolist() == [0] * world and z[2].tolist() == [0] * E
+    zx, zi, zw, zl, zh, _ = buffer.dispatch(x[:0], num_tokens_per_rank=z[0], is_token_in_rank=z[3],
+                                            num_tokens_per_expert=z[2], topk_idx=topk_idx[:0],
+                                            topk_weights=topk_weights[:0])
+    assert zx.shape == (0, H) and zi.shape == (0, TOP_K) and zw.shape == (0, TOP_K) and zl == [0] * L
+    zc, zcw, _ = buffer.combine(zx, zh, topk_weights=zw)
+    assert zc.shape == (0, H) and zc.dtype == torch.bfloat16 and zcw.shape == (0, TOP_K)
+
     # --- errors on every rank, before any collective (so nobody waits)
     def raises(exc, words, fn):
         with pytest.raises(exc) as ei:
