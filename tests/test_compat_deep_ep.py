@@ -299,7 +299,7 @@ def _check(group, world):
         (ref_out * G.double()).sum().backward()
         assert torch.allclose(out.double(), ref_out.detach(), rtol=1e-5, atol=1e-4)
         assert torch.allclose(xg.grad.double(), xd.grad, rtol=1e-5, atol=1e-4)
-        assert torch.allclose(pg.grad.double(), pd.grad, rtol=1e-5, atol=1e-3)
+        assert torch.allclose(pg.grad.double(), pd.grad, rtol=1e-4, atol=1e-2)  # fp32 dot products over H
         assert (pg.grad[topk_idx < 0] == 0).all()
 
     # --- no tokens anywhere: empty outputs of the right shapes, counts all 0, combine of nothing
