@@ -504,7 +504,7 @@ class Buffer:
                 raise TypeError(_err(op, f"argument 'x': the FP8 scales must be a tensor, got {type(sc).__name__}"))
             if sc.dtype != torch.float32:
                 raise NotImplementedError(_err(op, f"argument 'x': scales of dtype {sc.dtype} (UE8M0-packed) are not "
-                                               f"supported; pass fp32 scales [num_tokens, hidden // 128]"))
+                                               f"supported; pass fp32 scales [num_tokens, num_scales]"))
             if sc.dim() != 2 or sc.shape[0] != T or sc.shape[1] < 1:
                 raise ValueError(_err(op, f"argument 'x': FP8 scales must be fp32 [{T}, num_scales] (hidden // 128 "
                                       f"per 128-channel block, or 1 per token), got {_shape(sc)}"))
