@@ -569,3 +569,30 @@ def test_gpu_cuda_graph_sglang_replay():
     g.replay()
     sync()
     check(out_g, lse_g, *attention_fp64(q, values, bt, new, D ** -0.5, True), gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_only
+def test_gpu_cuda_graph_lazy_metadata_planned_inside_capture():
+    """The lazy interface under capture (as frameworks use it): a fresh FlashMLASchedMeta whose first call is
+    captured records the planning too, so every replay plans from the live cache_seqlens."""
+    H = 32
+    seqlens = [300, 0, 4000, 65]
+    q, k, bt, cs, values = make_case(seqlens, 2, H, flashmla_dist=True, device=DEV)
+    warm, _ = flash_mla.get_mla_metadata()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, warm, causal=True)
+    torch.cuda.current_stream().wait_stream(s)
+    sched, _ = flash_mla.get_mla_metadata()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out_g, lse_g = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, sched, causal=True)
+    assert sched.have_initialized
+    for lens in (seqlens, [64, 0, 1, 2]):
+        cs.copy_(torch.tensor(lens, dtype=torch.int32))
+        out_g.fill_(float("nan"))
+        g.replay()
+        sync()
+        check(out_g, lse_g, *attention_fp64(q, values, bt, lens, D ** -0.5, True), gpu=True)
