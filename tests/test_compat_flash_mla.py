@@ -392,17 +392,37 @@ def test_vllm_old_backend_with_cudagraph_buffers():
 
 def test_vllm_current_backend():
     """vLLM's current backend (FlashMLA's lazy interface): it passes the classic arguments, keeps only the
-    first result and hands it back without num_splits."""
+    first result and hands it back without num_splits, once per layer."""
     H, s_q = 32, 2
     seqlens = [40, 300]
     q, k, bt, cs, values = make_case(seqlens, s_q, H)
     num_q_tokens_per_head_k = s_q * H // 1
     scheduler_metadata, _ = flash_mla.get_mla_metadata(cs, num_q_tokens_per_head_k, 1, is_fp8_kvcache=False)
-    for _layer in range(2):
+    plans = []
+    for _layer in range(3):
         o, lse = flash_mla.flash_mla_with_kvcache(
             q=q, k_cache=k.squeeze(2).unsqueeze(-2), block_table=bt, cache_seqlens=cs, head_dim_v=DV,
             tile_scheduler_metadata=scheduler_metadata, softmax_scale=0.1, causal=True, is_fp8_kvcache=False)
         check(o, lse, *attention_fp64(q, values, bt, seqlens, 0.1, True))
+        plans.append(getattr(scheduler_metadata, flash_mla._LAZY_ATTR).tile_scheduler_metadata)
+    assert plans[0] is plans[1] is plans[2], "the first layer plans, the others reuse the plan"
+
+
+def test_metadata_tensor_without_num_splits_is_a_lazy_handle():
+    """Without num_splits the tensor is a handle: the schedule is planned by the first call from its own
+    cache_seqlens (whatever the tensor holds), later calls must keep the first call's sizes and flags."""
+    seqlens = [500, 3, 0, 129]
+    q, k, bt, cs, values = make_case(seqlens, 1, 16)
+    stale, _ = flash_mla.get_mla_metadata(torch.ones(4, dtype=torch.int32), 16, 1)
+    stale.fill_(-7)
+    out, lse = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, stale)
+    check(out, lse, *attention_fp64(q, values, bt, seqlens, D ** -0.5, False))
+    with pytest.raises(ValueError, match="causal=False"):
+        flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, stale, causal=True)
+    fresh, _ = flash_mla.get_mla_metadata(cs, 16, 1)
+    with pytest.raises(TypeError, match="'q'"):
+        flash_mla.flash_mla_with_kvcache(q.float(), k, bt, cs, DV, fresh)
+    assert getattr(fresh, flash_mla._LAZY_ATTR, None) is None, "a rejected call plans nothing"
 
 
 # ----------------------------------------------------------------------------- unsupported and bad input
@@ -472,7 +492,6 @@ def _bad_cases():
         ({"cache_seqlens": torch.tensor([70, 5, 1], dtype=i32)}, ValueError, "'cache_seqlens'"),
         ({"cache_seqlens": torch.tensor([70, -1], dtype=i32)}, ValueError, "'cache_seqlens'"),
         ({"cache_seqlens": torch.tensor([70, 100000], dtype=i32)}, ValueError, "'cache_seqlens'"),
-        ({"num_splits": None, "tile_scheduler_metadata": torch.zeros(132, 8, dtype=i32)}, ValueError, "'num_splits'"),
         ({"num_splits": torch.zeros(5, dtype=i32)}, ValueError, "'num_splits'"),
         ({"tile_scheduler_metadata": [0] * 8}, TypeError, "'tile_scheduler_metadata'"),
         ({"tile_scheduler_metadata": torch.zeros(132, 4, dtype=i32)}, ValueError, "'tile_scheduler_metadata'"),

@@ -17,8 +17,11 @@ dsmoe's sm_90a kernels, CPU tensors the reference (``dsmoe.ref.mla``). Both meta
 
 FlashMLA's current ``get_mla_metadata`` ignores any arguments and always returns the lazy object; here
 arguments select the classic form. Code written for the current interface that still passes arguments
-and then hands only the first result to ``flash_mla_with_kvcache`` (no ``num_splits``) keeps working:
-a metadata tensor made by this module's ``get_mla_metadata`` remembers the ``num_splits`` made with it.
+and then hands only the first result to ``flash_mla_with_kvcache`` (no ``num_splits``: vLLM's current
+backend) keeps working: a metadata tensor passed without ``num_splits`` is used as a lazy handle, i.e.
+the schedule is planned inside the first call that receives it (from that call's ``cache_seqlens``; a
+CUDA graph that captures that call re-plans on every replay, as FlashMLA's lazy object does) and reused
+by later calls with the same tensor; the tensor's own values are not read.
 
 Supported: q ``[b, s_q, h_q, 576]`` bf16 (last dim contiguous), one KV head, 64-token pages, the bf16
 cache ``[num_blocks, 64, 1, 576]`` or the 656-byte FP8 cache ``[num_blocks, 64, 1, 656]``
@@ -65,9 +68,11 @@ _D_QK = 576
 _D_V = 512
 _FP8_BYTES = 656
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8, torch.int8)
-# NOTE: set on the metadata tensor returned by the classic get_mla_metadata so that a caller written for
-# the lazy interface (which drops the second result) still has the num_splits computed with it.
-_NUM_SPLITS_ATTR = "_dsmoe_num_splits"
+# NOTE: a metadata tensor passed without num_splits (a caller written for the lazy interface that still
+# passes arguments to get_mla_metadata) carries its lazy FlashMLASchedMeta under this attribute. Planning
+# at the first decode call rather than reusing what get_mla_metadata computed matters under CUDA graphs:
+# such callers build the metadata outside the graph each step and rely on the captured call to re-plan.
+_LAZY_ATTR = "_dsmoe_flash_mla_sched"
 
 _SUPPORTED = ("dsmoe.compat.flash_mla implements FlashMLA's dense MLA decoding: get_mla_metadata + "
               "flash_mla_with_kvcache with indices=None, q bf16 [b, s_q, h_q, 576], one KV head, 64-token "
@@ -165,9 +170,7 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_q_tokens_
     if not isinstance(is_fp8_kvcache, bool):
         raise TypeError(f"dsmoe.{_op(fn)}: argument 'is_fp8_kvcache' must be a bool, got {is_fp8_kvcache!r}")
     # the schedule is the same for both cache layouts (their kernels share the M tiling)
-    md, ns = _mla.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, 1)
-    setattr(md, _NUM_SPLITS_ATTR, ns)
-    return md, ns
+    return _mla.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, 1)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -206,15 +209,19 @@ def _check_sched_config(fn: str, cfg: "FlashMLASchedMeta.Config", now: "FlashMLA
     for f in dataclasses.fields(cfg):
         was, got = getattr(cfg, f.name), getattr(now, f.name)
         if was != got:
-            raise ValueError(f"dsmoe.{_op(fn)}: argument 'tile_scheduler_metadata': this FlashMLASchedMeta was "
-                             f"initialized with {f.name}={was!r}, this call has {f.name}={got!r}; a FlashMLASchedMeta "
-                             f"may be reused only with the same shapes, flags and cache_seqlens (make a new one with "
-                             f"get_mla_metadata())")
+            raise ValueError(f"dsmoe.{_op(fn)}: argument 'tile_scheduler_metadata': its schedule was planned by a "
+                             f"call with {f.name}={was!r}, this call has {f.name}={got!r}; a schedule may be reused only "
+                             f"with the same shapes, flags and cache_seqlens (get_mla_metadata() makes a new one)")
 
 
 def _resolve_metadata(fn: str, sched, num_splits, cache_seqlens: torch.Tensor, cfg: "FlashMLASchedMeta.Config"):
-    """(tile_scheduler_metadata, num_splits, sched to fill or None); nothing is mutated here."""
+    """(tile_scheduler_metadata, num_splits, lazy FlashMLASchedMeta to fill or None, tensor handle or None);
+    nothing is mutated here."""
     op = _op(fn)
+    handle = None
+    if isinstance(sched, torch.Tensor) and num_splits is None:
+        handle = sched
+        sched = getattr(handle, _LAZY_ATTR, None) or FlashMLASchedMeta()
     if isinstance(sched, FlashMLASchedMeta):
         if num_splits is not None:
             raise ValueError(f"dsmoe.{op}: argument 'num_splits' must be None with a FlashMLASchedMeta (the lazy "
@@ -228,17 +235,11 @@ def _resolve_metadata(fn: str, sched, num_splits, cache_seqlens: torch.Tensor, c
             if sched.tile_scheduler_metadata is None or sched.num_splits is None:
                 raise ValueError(f"dsmoe.{op}: argument 'tile_scheduler_metadata': a FlashMLASchedMeta must hold "
                                  f"both tile_scheduler_metadata and num_splits or neither")
-            return sched.tile_scheduler_metadata, sched.num_splits, sched
+            return sched.tile_scheduler_metadata, sched.num_splits, sched, handle
         md, ns = _mla.get_mla_metadata(cache_seqlens, cfg.s_q * cfg.h_q, 1)
-        return md, ns, sched
+        return md, ns, sched, handle
     if isinstance(sched, torch.Tensor):
-        if num_splits is None:
-            num_splits = getattr(sched, _NUM_SPLITS_ATTR, None)
-            if num_splits is None:
-                raise ValueError(f"dsmoe.{op}: argument 'num_splits' is required with a tile_scheduler_metadata "
-                                 f"tensor (classic interface: pass both results of get_mla_metadata(cache_seqlens, "
-                                 f"...)); or use the lazy interface: get_mla_metadata() with no arguments")
-        return sched, num_splits, None
+        return sched, num_splits, None, None
     raise TypeError(f"dsmoe.{op}: argument 'tile_scheduler_metadata' must be a FlashMLASchedMeta or an int32 tensor "
                     f"from get_mla_metadata, got {type(sched).__name__}")
 
@@ -267,7 +268,7 @@ def flash_mla_with_kvcache(
     ``[num_blocks, 64, 1, 656]`` with ``is_fp8_kvcache=True``; block_table int32 ``[b, max_blocks]``;
     cache_seqlens int32 ``[b]``; head_dim_v 512; tile_scheduler_metadata and num_splits from
     ``get_mla_metadata(cache_seqlens, s_q * h_q, 1)``, or a FlashMLASchedMeta from ``get_mla_metadata()``
-    with num_splits None. softmax_scale defaults to ``q.shape[-1] ** -0.5``. Sparse arguments (indices,
+    with num_splits None (a metadata tensor without num_splits acts as one: see the module docstring). softmax_scale defaults to ``q.shape[-1] ** -0.5``. Sparse arguments (indices,
     attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length) raise
     NotImplementedError. Semantics and differences from FlashMLA: the module docstring."""
     fn = "flash_mla_with_kvcache"
@@ -312,7 +313,7 @@ def flash_mla_with_kvcache(
                          f"got {tuple(block_table.shape)}")
     cfg = FlashMLASchedMeta.Config(b, s_q, h_q, k_cache.shape[1], k_cache.shape[2], causal, is_fp8_kvcache,
                                    None, None, None)
-    md, ns, sched = _resolve_metadata(fn, tile_scheduler_metadata, num_splits, cache_seqlens, cfg)
+    md, ns, sched, handle = _resolve_metadata(fn, tile_scheduler_metadata, num_splits, cache_seqlens, cfg)
     out, lse = _mla.mla_decode_with_kvcache(q, kv, block_table, cache_seqlens, head_dim_v, md, ns,
                                             float(softmax_scale), causal)
     if sched is not None and not sched.have_initialized:
@@ -320,6 +321,8 @@ def flash_mla_with_kvcache(
         sched.have_initialized = True
         sched.config = cfg
         sched.tile_scheduler_metadata, sched.num_splits = md, ns
+        if handle is not None:
+            setattr(handle, _LAZY_ATTR, sched)
     return out, lse
 
 
