@@ -15,8 +15,8 @@ CPU tier (the reference path): out within 2^-8 relative (its bf16 rounding) or 2
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import math
 
 import pytest
 import torch
@@ -122,7 +122,8 @@ def check(out, lse, ref_out, ref_lse, *, gpu=False):
     assert not torch.isnan(out).any(), "NaN in out (an unused page leaked, or an element was not written)"
     assert not torch.isnan(lse).any()
     empty = torch.isinf(ref_lse)
-    assert torch.equal(torch.isinf(lse), empty) and bool((lse[empty] > 0).all()), "lse must be +inf exactly where nothing is seen"
+    assert torch.equal(torch.isinf(lse), empty) and bool((lse[empty] > 0).all()), \
+        "lse must be +inf exactly where nothing is seen"
     assert bool((out[empty.transpose(1, 2)] == 0).all()), "out must be 0 where nothing is seen"
     o_abs, o_rel, l_abs, l_rel = (8e-4, 2.01 / 128, 1e-6, 8.01 / 65536) if gpu else (2e-5, 2.0 ** -8, 1e-5, 1e-5)
     err = (out - ref_out).abs()
@@ -250,7 +251,7 @@ def test_signatures_are_flashmla_s():
     params = inspect.signature(flash_mla.get_mla_metadata).parameters
     assert list(params)[:6] == ["cache_seqlens", "num_q_tokens_per_head_k", "num_heads_k", "num_heads_q",
                                 "is_fp8_kvcache", "topk"]
-    assert {f.name for f in __import__("dataclasses").fields(flash_mla.FlashMLASchedMeta.Config)} == {
+    assert {f.name for f in dataclasses.fields(flash_mla.FlashMLASchedMeta.Config)} == {
         "b", "s_q", "h_q", "page_block_size", "h_k", "causal", "is_fp8_kvcache", "topk", "extra_page_block_size",
         "extra_topk"}
     for name in ("get_mla_metadata", "flash_mla_with_kvcache", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
@@ -592,9 +593,11 @@ def test_gpu_cuda_graph_sglang_replay():
 
 @pytest.mark.gpu
 @pytest.mark.cuda_only
-def test_gpu_cuda_graph_lazy_metadata_planned_inside_capture():
-    """The lazy interface under capture (as frameworks use it): a fresh FlashMLASchedMeta whose first call is
-    captured records the planning too, so every replay plans from the live cache_seqlens."""
+@pytest.mark.parametrize("handle", [False, True])
+def test_gpu_cuda_graph_lazy_metadata_planned_inside_capture(handle):
+    """The lazy interface under capture (as frameworks use it): a fresh FlashMLASchedMeta (or, as vLLM's
+    current backend passes it, a metadata tensor without num_splits) whose first call is captured records
+    the planning too, so every replay plans from the live cache_seqlens."""
     H = 32
     seqlens = [300, 0, 4000, 65]
     q, k, bt, cs, values = make_case(seqlens, 2, H, flashmla_dist=True, device=DEV)
@@ -604,11 +607,11 @@ def test_gpu_cuda_graph_lazy_metadata_planned_inside_capture():
     with torch.cuda.stream(s):
         flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, warm, causal=True)
     torch.cuda.current_stream().wait_stream(s)
-    sched, _ = flash_mla.get_mla_metadata()
+    sched, _ = flash_mla.get_mla_metadata(cs, 2 * H, 1) if handle else flash_mla.get_mla_metadata()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out_g, lse_g = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, sched, causal=True)
-    assert sched.have_initialized
+    assert (getattr(sched, flash_mla._LAZY_ATTR) if handle else sched).have_initialized
     for lens in (seqlens, [64, 0, 1, 2]):
         cs.copy_(torch.tensor(lens, dtype=torch.int32))
         out_g.fill_(float("nan"))

@@ -182,7 +182,8 @@ def _check_cache(fn: str, q: torch.Tensor, k_cache, is_fp8_kvcache: bool) -> tor
         raise ValueError(f"dsmoe.{op}: argument 'k_cache': page_block_size (dim 1) must be {_PAGE}, got shape "
                          f"{tuple(k_cache.shape)}")
     if h_k != 1:
-        raise _unsupported(fn, f"k_cache with num_heads_k={h_k} (dim 2 of shape {tuple(k_cache.shape)}; MLA has one KV head)")
+        raise _unsupported(fn, f"k_cache with num_heads_k={h_k} (dim 2 of shape {tuple(k_cache.shape)}; MLA has "
+                               f"one KV head)")
     if is_fp8_kvcache:
         if k_cache.dtype not in _FP8_DTYPES:
             raise TypeError(f"dsmoe.{op}: argument 'k_cache' must have dtype float8_e4m3fn, uint8 or int8 with "
@@ -268,9 +269,9 @@ def flash_mla_with_kvcache(
     ``[num_blocks, 64, 1, 656]`` with ``is_fp8_kvcache=True``; block_table int32 ``[b, max_blocks]``;
     cache_seqlens int32 ``[b]``; head_dim_v 512; tile_scheduler_metadata and num_splits from
     ``get_mla_metadata(cache_seqlens, s_q * h_q, 1)``, or a FlashMLASchedMeta from ``get_mla_metadata()``
-    with num_splits None (a metadata tensor without num_splits acts as one: see the module docstring). softmax_scale defaults to ``q.shape[-1] ** -0.5``. Sparse arguments (indices,
-    attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length) raise
-    NotImplementedError. Semantics and differences from FlashMLA: the module docstring."""
+    with num_splits None (a metadata tensor without num_splits acts as one: see the module docstring).
+    softmax_scale defaults to ``q.shape[-1] ** -0.5``. Sparse arguments (indices, attn_sink, extra_k_cache,
+    extra_indices_in_kvcache, topk_length, extra_topk_length) raise NotImplementedError. Semantics and differences from FlashMLA: the module docstring."""
     fn = "flash_mla_with_kvcache"
     op = _op(fn)
     sparse = {"indices": indices, "attn_sink": attn_sink, "extra_k_cache": extra_k_cache,
@@ -304,7 +305,8 @@ def flash_mla_with_kvcache(
         softmax_scale = d_qk ** -0.5
     if (not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool)
             or not math.isfinite(softmax_scale) or softmax_scale <= 0):
-        raise ValueError(f"dsmoe.{op}: argument 'softmax_scale' must be None or a positive finite float, got {softmax_scale!r}")
+        raise ValueError(f"dsmoe.{op}: argument 'softmax_scale' must be None or a positive finite float, "
+                         f"got {softmax_scale!r}")
     C.check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1)
     C.check_shape(op, "cache_seqlens", cache_seqlens, (b,))
     C.check_tensor(op, "block_table", block_table, dtypes=(torch.int32,), ndim=2)
