@@ -52,6 +52,7 @@ import torch
 
 from .. import _checks as C
 from ..ops import mla as _mla
+from ..ref import mla as _ref
 
 __all__ = [
     "FlashMLASchedMeta",
@@ -63,10 +64,10 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
 ]
 
-_PAGE = 64
-_D_QK = 576
-_D_V = 512
-_FP8_BYTES = 656
+_PAGE = _ref.MLA_BLOCK_SIZE        # 64
+_D_QK = _ref.MLA_D_QK              # 576
+_D_V = _ref.MLA_D_V                # 512
+_FP8_BYTES = _ref.MLA_FP8_BYTES_PER_TOKEN  # 656
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8, torch.int8)
 # NOTE: a metadata tensor passed without num_splits (a caller written for the lazy interface that still
 # passes arguments to get_mla_metadata) carries its lazy FlashMLASchedMeta under this attribute. Planning
