@@ -11,7 +11,10 @@ power-of-two scales, as FlashMLA's quant.py builds it).
 
 CPU tier (the reference path): out within 2^-8 relative (its bf16 rounding) or 2e-5 absolute, lse within
 1e-5. GPU tier (the kernels): FlashMLA's own test tolerances (out 8e-4 abs or 2.01/128 rel, cosine diff
-5e-6; lse 1e-6 abs or 8.01/65536 rel) on FlashMLA's own input distribution.
+5e-6; lse 1e-6 abs) on FlashMLA's own input distribution, lse relative 1e-5 (dsmoe's kernel bound,
+tighter than FlashMLA's 8/65536). The compat module calls the ops through ``dsmoe.ops``, so the
+mutations of tests/mutations.py reach it: under DSMOE_TEST_GPU_ON_CPU=1 the GPU tier fails with each of
+mla_decode_lse_off, _drop_row, _out_scale and _unwritten_lse.
 """
 from __future__ import annotations
 
@@ -125,7 +128,9 @@ def check(out, lse, ref_out, ref_lse, *, gpu=False):
     assert torch.equal(torch.isinf(lse), empty) and bool((lse[empty] > 0).all()), \
         "lse must be +inf exactly where nothing is seen"
     assert bool((out[empty.transpose(1, 2)] == 0).all()), "out must be 0 where nothing is seen"
-    o_abs, o_rel, l_abs, l_rel = (8e-4, 2.01 / 128, 1e-6, 8.01 / 65536) if gpu else (2e-5, 2.0 ** -8, 1e-5, 1e-5)
+    # GPU: FlashMLA's test bounds, except lse relative 1e-5 (dsmoe's kernel bound, tests/test_mla_gpu.py)
+    # instead of FlashMLA's 8/65536
+    o_abs, o_rel, l_abs, l_rel = (8e-4, 2.01 / 128, 1e-6, 1e-5) if gpu else (2e-5, 2.0 ** -8, 1e-5, 1e-5)
     err = (out - ref_out).abs()
     ok = (err <= o_abs) | (err <= o_rel * ref_out.abs())
     assert bool(ok.all()), f"out: {int((~ok).sum())} of {ok.numel()} off, max err {err.max().item():.3g}"

@@ -51,7 +51,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _checks as C
-from ..ops import mla as _mla
+from .. import ops as _ops
 from ..ref import mla as _ref
 
 __all__ = [
@@ -171,7 +171,7 @@ def get_mla_metadata(cache_seqlens: Optional[torch.Tensor] = None, num_q_tokens_
     if not isinstance(is_fp8_kvcache, bool):
         raise TypeError(f"dsmoe.{_op(fn)}: argument 'is_fp8_kvcache' must be a bool, got {is_fp8_kvcache!r}")
     # the schedule is the same for both cache layouts (their kernels share the M tiling)
-    return _mla.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, 1)
+    return _ops.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, 1)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -238,7 +238,7 @@ def _resolve_metadata(fn: str, sched, num_splits, cache_seqlens: torch.Tensor, c
                 raise ValueError(f"dsmoe.{op}: argument 'tile_scheduler_metadata': a FlashMLASchedMeta must hold "
                                  f"both tile_scheduler_metadata and num_splits or neither")
             return sched.tile_scheduler_metadata, sched.num_splits, sched, handle
-        md, ns = _mla.get_mla_metadata(cache_seqlens, cfg.s_q * cfg.h_q, 1)
+        md, ns = _ops.get_mla_metadata(cache_seqlens, cfg.s_q * cfg.h_q, 1)
         return md, ns, sched, handle
     if isinstance(sched, torch.Tensor):
         return sched, num_splits, None, None
@@ -317,7 +317,7 @@ def flash_mla_with_kvcache(
     cfg = FlashMLASchedMeta.Config(b, s_q, h_q, k_cache.shape[1], k_cache.shape[2], causal, is_fp8_kvcache,
                                    None, None, None)
     md, ns, sched, handle = _resolve_metadata(fn, tile_scheduler_metadata, num_splits, cache_seqlens, cfg)
-    out, lse = _mla.mla_decode_with_kvcache(q, kv, block_table, cache_seqlens, head_dim_v, md, ns,
+    out, lse = _ops.mla_decode_with_kvcache(q, kv, block_table, cache_seqlens, head_dim_v, md, ns,
                                             float(softmax_scale), causal)
     if sched is not None and not sched.have_initialized:
         # filled only after a successful call, so a rejected call leaves the object reusable
