@@ -144,7 +144,7 @@ def check(out, lse, ref_out, ref_lse, *, gpu=False):
 
 
 def _seqlens(b, s_q, base, zero=False):
-    """FlashMLA's varlen draw (normal around base, at least s_q), odd values; some zeros if asked."""
+    """FlashMLA's varlen draw: lengths normal around base (sd base / 2), at least s_q; some zeros if asked."""
     lens = [max(int(random_normal(base, base / 2)), s_q) for _ in range(b)]
     if zero:
         mask = torch.randn(b) > 0
