@@ -1,7 +1,7 @@
 """MoE routing, token permutation into the contiguous grouped-GEMM layout, and load balancing.
 
-- ``moe_route``: the DeepSeek-V3 gate (sigmoid or softmax scores, group-limited top-k, -inf mask,
-  ties to the lowest index). Fixed output shape: works under torch.compile and CUDA graphs.
+- ``moe_route``: the DeepSeek-V3 gate (sigmoid or softmax scores, group-limited top-k, optional
+  node-limited top-k, -inf mask, ties to the lowest index). Fixed output shape: works under torch.compile and CUDA graphs.
 - ``moe_permute`` / ``moe_unpermute``: rows grouped by expert, each expert's segment padded to
   ``alignment`` rows (``m_indices = -1`` and zero data on padding); both differentiable: the backward of
   the permutation is an unpermute (gather-sum) and the backward of the unpermute is a weighted scatter.
@@ -51,11 +51,14 @@ def _check_topk_idx(op: str, topk_idx: torch.Tensor, num_experts: int, ndim=2) -
 # ----------------------------------------------------------------------------- routing
 @torch.library.custom_op("dsmoe::moe_route", mutates_args=())
 def _route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
-           routed_scaling_factor: float, norm_topk_prob: bool, score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _native.use_kernel("moe", logits):
+           routed_scaling_factor: float, norm_topk_prob: bool, score_func: str, num_nodes: int,
+           max_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # NOTE: the fused kernel knows groups, not nodes: an active node limit runs the torch reference on the
+    # logits' device (device ops only, no host sync: still capturable; see docs/internode.md).
+    if max_nodes < num_nodes or not _native.use_kernel("moe", logits):
         return ref.moe_route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
                              routed_scaling_factor=routed_scaling_factor, norm_topk_prob=norm_topk_prob,
-                             score_func=score_func)
+                             score_func=score_func, num_nodes=num_nodes, max_nodes=max_nodes)
     T, E = logits.shape
     idx = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
@@ -70,14 +73,22 @@ def _route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group:
 
 
 @_route.register_fake
-def _(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob, score_func):
+def _(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob, score_func, num_nodes, max_nodes):
     T = logits.shape[0]
     return (logits.new_empty(T, top_k, dtype=torch.int32), logits.new_empty(T, top_k, dtype=torch.float32))
 
 
 def moe_route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int, n_group: int, topk_group: int,
-              routed_scaling_factor: float, norm_topk_prob: bool = True, score_func: str = "sigmoid"):
+              routed_scaling_factor: float, norm_topk_prob: bool = True, score_func: str = "sigmoid",
+              num_nodes: int = 1, max_nodes: int | None = None):
     """DeepSeek-V3 routing of ``router_logits [T, E]`` (fp32/bf16/fp16; computed in fp32).
+
+    Node-limited routing (V3's training rule): with ``max_nodes=M < num_nodes`` each token's experts lie on
+    at most M of the ``num_nodes`` nodes (experts placed node-major in equal blocks, as dsmoe.parallel
+    places them), the nodes ranked by the sum of their ``ceil(top_k / M)`` best biased scores after the
+    group mask (see dsmoe.ref.moe). When groups and nodes both limit, one must nest in the other
+    (``n_group % num_nodes == 0`` or ``num_nodes % n_group == 0``) so that ``top_k`` candidates always
+    remain. On CUDA a node limit runs the torch reference on the device (the fused kernel has no node rule).
 
     ``bias``: ``e_score_correction_bias [E]`` (selection only) or None. Returns
     ``(topk_idx int32 [T, top_k], topk_weights fp32 [T, top_k])``, experts in descending order of the
@@ -109,8 +120,28 @@ def moe_route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: 
     if score_func not in _SCORE_FUNCS:
         raise ValueError(f"dsmoe.{op}: argument 'score_func' must be 'sigmoid' or 'softmax', got {score_func!r}")
     routed_scaling_factor = C.check_float(op, "routed_scaling_factor", routed_scaling_factor)
+    _check_int(op, "num_nodes", num_nodes, min_value=1)
+    if E % num_nodes:
+        raise ValueError(f"dsmoe.{op}: argument 'num_nodes': the expert count E={E} must be a multiple of "
+                         f"num_nodes={num_nodes}")
+    if max_nodes is None:
+        max_nodes = num_nodes
+    _check_int(op, "max_nodes", max_nodes, min_value=1)
+    if max_nodes > num_nodes:
+        raise ValueError(f"dsmoe.{op}: argument 'max_nodes' must be <= num_nodes={num_nodes}, got {max_nodes}")
+    if max_nodes < num_nodes:
+        grouped = topk_group < n_group
+        if grouped and n_group % num_nodes and num_nodes % n_group:
+            raise ValueError(f"dsmoe.{op}: argument 'num_nodes'={num_nodes}: with group-limited routing "
+                             f"(topk_group={topk_group} < n_group={n_group}) groups and nodes must nest (one count a "
+                             f"multiple of the other)")
+        # every kept node holds at least min(group, node) experts of kept groups: the top_k must fit
+        per = min(E // num_nodes, E // n_group) if grouped else E // num_nodes
+        if top_k > max_nodes * per:
+            raise ValueError(f"dsmoe.{op}: argument 'top_k'={top_k} exceeds what max_nodes={max_nodes} nodes "
+                             f"guarantee (max_nodes * {per} experts)")
     return torch.ops.dsmoe.moe_route(router_logits, bias, top_k, n_group, topk_group, routed_scaling_factor,
-                                     bool(norm_topk_prob), score_func)
+                                     bool(norm_topk_prob), score_func, num_nodes, max_nodes)
 
 
 # ----------------------------------------------------------------------------- permutation

@@ -21,6 +21,13 @@ Backends:
   backward are one byte-row all_to_all.
 - ``"nvlink"``: CUDA kernels that write straight into the peers' receive buffers over CUDA IPC (see
   dsmoe.parallel.nvlink); single node, CUDA only.
+- ``"hierarchical"``: two hops for groups that span nodes (``ranks_per_node`` consecutive ranks per node,
+  see dsmoe.parallel.hierarchical and docs/internode.md): a token crosses nodes once per destination node
+  (to the same-local-rank peer), then is forwarded inside the node; combine reduces inside the node, then
+  once across nodes. Same outputs as ``"collective"``, bit for bit and in the same order.
+
+``stats()`` reports the rows and bytes this rank sent to other nodes and to other ranks of its node in the
+last call (and the totals since the buffer was built), for the collective and hierarchical backends.
 
 Collective discipline (see docs/moe.md, "Failure semantics"):
 - Every rank issues the same sequence of collectives whatever its local data or autograd state: empty
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import os
 import sys
 
 import torch
@@ -46,15 +54,18 @@ import torch.distributed as dist
 
 from .. import _checks as C
 from .. import _native
-from .common import BACKENDS, EPConfig, EPHandle, EPTimeoutError, disagreement, dtype_code, dtype_name, \
-    get_dispatch_layout
+from .common import BACKENDS, CALL_FIELDS, COMBINE_PARTIALS, EPConfig, EPHandle, EPTimeoutError, as_bytes_rows, \
+    disagreement, dtype_code, dtype_name, from_bytes, get_dispatch_layout
+from .hierarchical import HierarchicalTransport
 from .nvlink import NVLinkTransport
 
 __all__ = ["EPConfig", "EPBuffer", "EPHandle", "EPTimeoutError", "get_dispatch_layout"]
 
 _HANDSHAKE_MAGIC = 0x44534D4F45  # "DSMOE": a rank whose first collective is something else shows up here
-_HS_FIELDS = ("magic", "hidden", "num_experts", "backend", "world_size", "max_tokens_per_rank", "group_ranks")
-_CALL_FIELDS = ("dtype", "top_k", "fp8")
+_HS_FIELDS = ("magic", "hidden", "num_experts", "backend", "world_size", "max_tokens_per_rank", "group_ranks",
+              "ranks_per_node", "combine_partials")
+_CALL_FIELDS = CALL_FIELDS
+_STAT_KEYS = ("inter_node_rows", "inter_node_bytes", "intra_node_rows", "intra_node_bytes")
 
 
 def _eager_only(fn):
@@ -98,19 +109,20 @@ def _as_timedelta(t) -> datetime.timedelta:
     return td
 
 
-def _as_bytes_rows(t: torch.Tensor) -> torch.Tensor:
-    # NOTE: gloo has no float8 type; every payload travels as raw bytes [rows, nbytes].
-    row = t.element_size()
-    for d in t.shape[1:]:
-        row *= d
-    return t.contiguous().view(torch.uint8).view(t.shape[0], row)
+_as_bytes_rows = as_bytes_rows
+_from_bytes = from_bytes
 
 
-def _from_bytes(rows: torch.Tensor, lo: int, hi: int, dtype: torch.dtype, *shape) -> torch.Tensor:
-    # NOTE: a fresh dense copy: .contiguous() keeps a one-row slice's odd row stride, which view(dtype) rejects
-    out = torch.empty(rows.shape[0], hi - lo, dtype=torch.uint8, device=rows.device)
-    out.copy_(rows[:, lo:hi])
-    return out.view(dtype).view(rows.shape[0], *shape)
+def _default_ranks_per_node(backend: str, world_size: int) -> int:
+    """torchrun's LOCAL_WORLD_SIZE. The collective and nvlink backends use it for ``stats()`` only: one that
+    does not divide the group (a subgroup) counts the group as one node instead of failing."""
+    try:
+        r = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    except ValueError:
+        r = 0
+    if backend == "hierarchical":
+        return r
+    return r if r > 0 and world_size % r == 0 else 0
 
 
 class EPBuffer:
@@ -118,7 +130,7 @@ class EPBuffer:
 
     def __init__(self, group, num_experts: int, hidden: int, *, backend: str = "collective",
                  max_tokens_per_rank: int = 0, num_sms: int = 20, graph_safe: bool = False,
-                 timeout=None):
+                 timeout=None, ranks_per_node: int | None = None, combine_partials: str = "fp32"):
         if group is None:
             group = dist.group.WORLD
         if not dist.is_initialized():
@@ -126,7 +138,12 @@ class EPBuffer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.config = EPConfig(self.world_size, num_experts, hidden, backend, max_tokens_per_rank, num_sms)
+        if ranks_per_node is None:
+            ranks_per_node = _default_ranks_per_node(backend, self.world_size)
+        self.config = EPConfig(self.world_size, num_experts, hidden, backend, max_tokens_per_rank, num_sms,
+                               ranks_per_node=ranks_per_node, combine_partials=combine_partials)
+        self.ranks_per_node = self.config.ranks_per_node or self.world_size
+        self.num_nodes = self.world_size // self.ranks_per_node
         self.num_experts = num_experts
         self.num_local_experts = self.config.num_local_experts
         self.hidden = hidden
@@ -140,6 +157,9 @@ class EPBuffer:
         # run) on every rank, whatever requires grad locally: the backward is collective.
         self._anchor = torch.zeros((), requires_grad=True)
         self._nvlink = None
+        self._hier = None
+        self._stats_last: dict = {"call": None, **{k: 0 for k in _STAT_KEYS}}
+        self._stats_total: dict = {k: 0 for k in _STAT_KEYS}
         if backend == "nvlink" and "ep" in _native.disabled_kernels():
             # DSMOE_DISABLE_KERNELS=ep: the collective backend is the reference of the nvlink kernels. Its
             # outputs are compact, so the worst-case sized graph_safe layout has no stand-in.
@@ -149,6 +169,35 @@ class EPBuffer:
             self.backend = "collective"
         elif backend == "nvlink":
             self._nvlink = NVLinkTransport(self)  # runs the handshake first (its first collective)
+        elif backend == "hierarchical":
+            self._hier = HierarchicalTransport(self)  # builds the intra- and inter-node groups (collective)
+
+    # ------------------------------------------------------------------ traffic
+    def stats(self) -> dict:
+        """Rows and bytes this rank sent in the last dispatch/combine (or backward) call: ``call`` (its name),
+        ``inter_node_rows``/``inter_node_bytes`` (to ranks on other nodes), ``intra_node_rows``/
+        ``intra_node_bytes`` (to other ranks of its node), and ``total``: the same sums since the buffer was
+        built. Byte rows only (payload, scales, ids, weights, gradients); the small count exchanges and a
+        rank's copies to itself are not counted. Nodes: ``ranks_per_node`` consecutive ranks. The nvlink
+        backend does not record (its kernels move the rows): its stats stay at zero."""
+        return {**self._stats_last, "total": dict(self._stats_total)}
+
+    def reset_stats(self) -> None:
+        self._stats_last = {"call": None, **{k: 0 for k in _STAT_KEYS}}
+        self._stats_total = {k: 0 for k in _STAT_KEYS}
+
+    def _record(self, call: str, inter_rows: int, inter_bytes: int, intra_rows: int, intra_bytes: int) -> None:
+        vals = (int(inter_rows), int(inter_bytes), int(intra_rows), int(intra_bytes))
+        self._stats_last = {"call": call, **dict(zip(_STAT_KEYS, vals))}
+        for k, v in zip(_STAT_KEYS, vals):
+            self._stats_total[k] += v
+
+    def _record_flat(self, call: str, rows_to_rank, width: int) -> None:
+        """A one-hop exchange: ``rows_to_rank[d]`` rows of ``width`` bytes to each group rank d."""
+        R, me = self.ranks_per_node, self.rank
+        inter = sum(int(c) for d, c in enumerate(rows_to_rank) if d // R != me // R)
+        intra = sum(int(c) for d, c in enumerate(rows_to_rank) if d // R == me // R and d != me)
+        self._record(call, inter, inter * width, intra, intra * width)
 
     # ------------------------------------------------------------------ agreement
     def _handshake_row(self) -> list[int]:
@@ -158,7 +207,8 @@ class EPBuffer:
             h = (h * 1000003 + r + 1) % (1 << 61)
         cfg = self.config
         return [_HANDSHAKE_MAGIC, cfg.hidden, cfg.num_experts, BACKENDS.index(self.backend), cfg.world_size,
-                cfg.max_tokens_per_rank if self.backend == "nvlink" else 0, h]
+                cfg.max_tokens_per_rank if self.backend == "nvlink" else 0, h, cfg.ranks_per_node,
+                COMBINE_PARTIALS.index(cfg.combine_partials)]
 
     def _handshake(self, device, what: str = "dispatch") -> None:
         """First call: every rank gathers every rank's structural config; any difference raises ValueError
@@ -170,10 +220,12 @@ class EPBuffer:
         got = [torch.empty_like(mine) for _ in range(self.world_size)]
         self._wait(lambda: dist.all_gather(got, mine, group=self.group, async_op=True), f"{what} (first-call handshake)")
         rows = [g.tolist() for g in got]
-        diff = disagreement(rows, _HS_FIELDS, {"backend": lambda v: BACKENDS[v] if 0 <= v < len(BACKENDS) else v})
+        diff = disagreement(rows, _HS_FIELDS, {"backend": lambda v: BACKENDS[v] if 0 <= v < len(BACKENDS) else v,
+                                               "combine_partials": lambda v: COMBINE_PARTIALS[v]})
         if diff:
             raise ValueError(f"dsmoe.EPBuffer: the ranks of the group disagree on the configuration ({diff}); every "
-                             f"rank must build its EPBuffer with the same num_experts, hidden, backend and group")
+                             f"rank must build its EPBuffer with the same num_experts, hidden, backend, group and "
+                             f"node layout")
         self._handshake_done = True
 
     # ------------------------------------------------------------------ collectives
@@ -332,6 +384,8 @@ def _exchange_signature(buf: EPBuffer, send_counts: torch.Tensor, sig: list[int]
 
 
 def _dispatch_impl(buf: EPBuffer, x, topk_idx, topk_weights):
+    if buf._hier is not None:
+        return buf._hier.dispatch(x, topk_idx, topk_weights)
     W, L = buf.world_size, buf.num_local_experts
     fp8 = isinstance(x, tuple)
     xs = x[0] if fp8 else x
@@ -358,6 +412,7 @@ def _dispatch_impl(buf: EPBuffer, x, topk_idx, topk_weights):
     rows = torch.cat(parts, 1) if tok.numel() else torch.empty(0, sum(widths), dtype=torch.uint8, device=dev)
     out = torch.empty(R, sum(widths), dtype=torch.uint8, device=dev)
     buf._a2a(out, rows, rc, sc, "dispatch")
+    buf._record_flat("dispatch", sc, sum(widths))
     cuts = [0]
     for w_ in widths:
         cuts.append(cuts[-1] + w_)
@@ -386,6 +441,8 @@ def _sum_back(back: torch.Tensor, handle: EPHandle, acc_t) -> torch.Tensor:
 def _combine_impl(buf: EPBuffer, y: torch.Tensor, handle: EPHandle, gw: torch.Tensor | None = None, what="combine"):
     """Sends received rows back and sums the copies of each token in rank order. With ``gw`` (fp32
     ``[R, k]``, the dispatch backward) the rows carry the weight gradients too: returns ``(out, dw fp32 [T, k])``."""
+    if buf._hier is not None:
+        return buf._hier.combine(y, handle, gw, what)
     S = sum(handle.send_counts)
     H, k = y.shape[1], handle.top_k
     b = _as_bytes_rows(y)
@@ -393,6 +450,7 @@ def _combine_impl(buf: EPBuffer, y: torch.Tensor, handle: EPHandle, gw: torch.Te
         b = torch.cat([b, _as_bytes_rows(gw.float())], 1)
     back = torch.empty(S, b.shape[1], dtype=torch.uint8, device=y.device)
     buf._a2a(back, b, handle.send_counts, handle.recv_counts, what)
+    buf._record_flat(what, handle.recv_counts, b.shape[1])
     vals = _from_bytes(back, 0, H * y.element_size(), y.dtype, H)
     acc_t = torch.float64 if y.dtype == torch.float64 else torch.float32
     out = _sum_back(vals, handle, acc_t).to(y.dtype)
@@ -407,10 +465,13 @@ def _combine_impl(buf: EPBuffer, y: torch.Tensor, handle: EPHandle, gw: torch.Te
 
 def _dispatch_rows(buf: EPBuffer, rows: torch.Tensor, handle: EPHandle) -> torch.Tensor:
     """Sends ``rows[send_token_idx]`` with the handle's splits (dispatch of a gradient / of [T, *] data)."""
+    if buf._hier is not None:
+        return buf._hier.dispatch_rows(rows, handle)
     R = sum(handle.recv_counts)
     b = _as_bytes_rows(rows[handle.send_token_idx])
     out = torch.empty(R, b.shape[1], dtype=torch.uint8, device=rows.device)
     buf._a2a(out, b, handle.recv_counts, handle.send_counts, "combine backward")
+    buf._record_flat("combine backward", handle.send_counts, b.shape[1])
     return out.view(rows.dtype).view(R, *rows.shape[1:])
 
 

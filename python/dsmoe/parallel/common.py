@@ -1,6 +1,6 @@
-"""What both EP transports share: the configuration, the handle, the dispatch layout, the error type and
-the nvlink memory layout. Both ``buffer.py`` and ``nvlink.py`` import from here (never from each other's
-private parts), so the package has no import circle."""
+"""What the EP transports share: the configuration, the handle, the dispatch layout, the error type, the
+byte-row packing and the nvlink memory layout. ``buffer.py``, ``nvlink.py`` and ``hierarchical.py`` import
+from here (never from each other's private parts), so the package has no import circle."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,9 +10,27 @@ import torch
 from .. import _checks as C
 
 __all__ = ["EPConfig", "EPHandle", "EPTimeoutError", "get_dispatch_layout", "NVLinkLayout", "al16", "BACKENDS",
-           "dtype_code", "dtype_name", "disagreement"]
+           "dtype_code", "dtype_name", "disagreement", "CALL_FIELDS", "as_bytes_rows", "from_bytes",
+           "COMBINE_PARTIALS"]
 
-BACKENDS = ("collective", "nvlink")
+BACKENDS = ("collective", "nvlink", "hierarchical")
+CALL_FIELDS = ("dtype", "top_k", "fp8")  # what every dispatch's count exchange carries (the call signature)
+COMBINE_PARTIALS = ("fp32", "native")
+
+
+def as_bytes_rows(t: torch.Tensor) -> torch.Tensor:
+    # NOTE: gloo has no float8 type; every payload travels as raw bytes [rows, nbytes].
+    row = t.element_size()
+    for d in t.shape[1:]:
+        row *= d
+    return t.contiguous().view(torch.uint8).view(t.shape[0], row)
+
+
+def from_bytes(rows: torch.Tensor, lo: int, hi: int, dtype: torch.dtype, *shape) -> torch.Tensor:
+    # NOTE: a fresh dense copy: .contiguous() keeps a one-row slice's odd row stride, which view(dtype) rejects
+    out = torch.empty(rows.shape[0], hi - lo, dtype=torch.uint8, device=rows.device)
+    out.copy_(rows[:, lo:hi])
+    return out.view(dtype).view(rows.shape[0], *shape)
 
 
 class EPTimeoutError(RuntimeError):
@@ -104,7 +122,12 @@ class NVLinkLayout:
 class EPConfig:
     """Validated configuration. ``max_tokens_per_rank`` sizes the worst-case receive buffer of the nvlink
     backend (each source writes at most that many tokens to each peer); ``num_sms`` bounds its kernels (the
-    device's SM count is checked when the transport is built on it)."""
+    device's SM count is checked when the transport is built on it). ``ranks_per_node``: the group's ranks
+    are node-major, ``ranks_per_node`` consecutive ranks per node (0: one node holds the whole group); the
+    hierarchical backend routes by it, every backend's ``stats()`` classifies traffic by it.
+    ``combine_partials`` (hierarchical): the dtype a node's partial sums cross nodes in ("fp32": the
+    accumulation dtype, combine equal to the flat backend's up to summation order; "native": the rows'
+    dtype, half the inter-node combine bytes for bf16 rows at one extra rounding per node partial)."""
     world_size: int
     num_experts: int
     hidden: int
@@ -112,6 +135,8 @@ class EPConfig:
     max_tokens_per_rank: int = 0
     num_sms: int = 20
     top_k_max: int = 32
+    ranks_per_node: int = 0
+    combine_partials: str = "fp32"
     num_local_experts: int = field(init=False)
 
     def __post_init__(self):
@@ -134,7 +159,22 @@ class EPConfig:
                 bad("num_sms", f"must be a positive int (at most the device's SM count), got {self.num_sms!r}")
             if self.hidden % 8:
                 bad("hidden", f"the nvlink backend moves 16-byte vectors: hidden must be a multiple of 8, got {self.hidden}")
+        rpn = self.ranks_per_node
+        if not isinstance(rpn, int) or isinstance(rpn, bool) or rpn < 0:
+            bad("ranks_per_node", f"must be a positive int (0: the whole group on one node), got {rpn!r}")
+        if rpn and self.world_size % rpn:
+            bad("ranks_per_node", f"the world size {self.world_size} must be a multiple of ranks_per_node={rpn} "
+                f"(every node holds the same number of ranks)")
+        if self.backend == "hierarchical" and not rpn:
+            bad("ranks_per_node", "the hierarchical backend needs the ranks per node (torchrun's LOCAL_WORLD_SIZE "
+                "when set), got none")
+        if self.combine_partials not in COMBINE_PARTIALS:
+            bad("combine_partials", f"must be one of {COMBINE_PARTIALS}, got {self.combine_partials!r}")
         object.__setattr__(self, "num_local_experts", self.num_experts // self.world_size)
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // (self.ranks_per_node or self.world_size)
 
     def nvlink_layout(self) -> NVLinkLayout:
         return NVLinkLayout(self.world_size, self.max_tokens_per_rank, self.hidden, self.top_k_max)
@@ -187,3 +227,4 @@ class EPHandle:
     top_k: int
     dtype: torch.dtype = torch.bfloat16  # the row dtype combine (and the gradients) travel in, agreed by all ranks
     nv: dict | None = None          # nvlink backend state
+    hier: dict | None = None        # hierarchical backend state (both hops' layouts)

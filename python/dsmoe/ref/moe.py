@@ -10,6 +10,14 @@ Routing (DeepSeek-V3 gate, see docs/moe.md):
   (groups too); a NaN group score (``inf + -inf``) ranks as ``-inf``.
   ``topk_weights = s[topk_idx]`` (unbiased), optionally divided by ``(w_0 + w_1 + ... + w_{k-1}) + 1e-20``
   summed left to right, then times ``routed_scaling_factor``.
+- node limit (V3 report, section 3.4 "node-limited routing"; optional, ``max_nodes < num_nodes``): the
+  experts are placed node-major, ``num_nodes`` equal blocks (expert ``e`` on node ``e // (E / num_nodes)``).
+  A node's score is the sum of its ``p = ceil(top_k / max_nodes)`` highest ``c`` (summed left to right,
+  after the group mask; NaN ranks as ``-inf``); the ``max_nodes`` best nodes are kept (ties to the lowest
+  index) and every expert of another node gets ``-inf`` before the final top-k. The group rule runs first
+  (it is part of the model; the node limit is a placement constraint on what it kept): a node keeps only
+  experts of kept groups. With groups equal to nodes (V3: 8 groups on 8 nodes, ``topk_group = max_nodes
+  = 4``, top-2 group score, ``p = 8 / 4 = 2``) the node limit keeps exactly the kept groups: a no-op.
 
 Permutation (the contiguous grouped-GEMM layout): the (token, slot) pairs are grouped by expert;
 inside an expert, rows follow the token index, then the slot. Each expert's segment starts at a multiple
@@ -24,6 +32,7 @@ from .quant import per_token_group_quant_fp8
 
 __all__ = [
     "moe_route",
+    "node_limit_mask",
     "moe_permute",
     "moe_permute_layout",
     "moe_permute_max_rows",
@@ -45,7 +54,7 @@ def _desc_order(v: torch.Tensor) -> torch.Tensor:
 
 def moe_route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int, n_group: int,
               topk_group: int, routed_scaling_factor: float, norm_topk_prob: bool = True,
-              score_func: str = "sigmoid"):
+              score_func: str = "sigmoid", num_nodes: int = 1, max_nodes: int | None = None):
     """logits ``[T, E]`` -> ``(topk_idx int32 [T, top_k], topk_weights fp32 [T, top_k])``."""
     logits = router_logits.float()
     T, E = logits.shape
@@ -71,6 +80,8 @@ def moe_route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: 
         gmask = torch.zeros(T, n_group, dtype=torch.bool, device=c.device)
         gmask.scatter_(1, keep_groups, True)
         c = c.masked_fill(~gmask.repeat_interleave(G, dim=1), float("-inf"))
+    if max_nodes is not None and max_nodes < num_nodes:
+        c = _node_limit(c, top_k, num_nodes, max_nodes)
     idx = _desc_order(c)[:, :top_k]
     w = s.gather(1, idx)
     if norm_topk_prob:
@@ -80,6 +91,25 @@ def moe_route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: 
         w = w / (denom + NORM_EPS).unsqueeze(1)
     w = w * routed_scaling_factor
     return idx.to(torch.int32), w.float()
+
+
+def node_limit_mask(c: torch.Tensor, top_k: int, num_nodes: int, max_nodes: int) -> torch.Tensor:
+    """bool ``[T, num_nodes]``: the ``max_nodes`` nodes kept per token from selection scores ``c [T, E]``
+    (``-inf`` where already masked). See the module docstring."""
+    T, E = c.shape
+    p = min(-(-top_k // max_nodes), E // num_nodes)
+    top = torch.sort(c.view(T, num_nodes, E // num_nodes), dim=-1, descending=True, stable=True).values
+    nscore = top[..., 0]
+    for i in range(1, p):  # left to right, like the kernel's group sums
+        nscore = nscore + top[..., i]
+    nscore = torch.where(torch.isnan(nscore), torch.full_like(nscore, float("-inf")), nscore)
+    keep = _desc_order(nscore)[:, :max_nodes]
+    return torch.zeros(T, num_nodes, dtype=torch.bool, device=c.device).scatter_(1, keep, True)
+
+
+def _node_limit(c: torch.Tensor, top_k: int, num_nodes: int, max_nodes: int) -> torch.Tensor:
+    mask = node_limit_mask(c, top_k, num_nodes, max_nodes)
+    return c.masked_fill(~mask.repeat_interleave(c.shape[1] // num_nodes, dim=1), float("-inf"))
 
 
 def moe_permute_max_rows(num_tokens: int, top_k: int, num_experts: int, alignment: int = 128) -> int:
