@@ -109,6 +109,7 @@ def test_node_limit_equals_group_rule_when_groups_are_nodes():
 def test_node_limited_routing_compiles_and_validates():
     logits = torch.randn(9, 16)
     kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=1.0, num_nodes=4, max_nodes=2)
+    torch.library.opcheck(torch.ops.dsmoe.moe_route.default, (logits, torch.randn(16), 4, 4, 2, 2.5, True, "sigmoid", 4, 2))
     f = torch.compile(lambda lg: ops.moe_route(lg, None, **kw), backend="aot_eager", fullgraph=True)
     assert torch.equal(f(logits)[0], ops.moe_route(logits, None, **kw)[0])
     bad = [(dict(num_nodes=3), "num_nodes.*multiple"), (dict(max_nodes=5), "max_nodes' must be <= num_nodes=4"),
@@ -359,6 +360,12 @@ def test_hierarchical_config_validation(monkeypatch):
         EPConfig(world_size=6, num_experts=12, hidden=16, backend="hierarchical", ranks_per_node=4)
     with pytest.raises(ValueError, match="combine_partials"):
         EPConfig(world_size=4, num_experts=8, hidden=16, backend="hierarchical", ranks_per_node=2, combine_partials="x")
+    with pytest.raises(ValueError, match="hop1.*option of the hierarchical backend"):
+        EPConfig(world_size=4, num_experts=8, hidden=16, ranks_per_node=2, hop1="symm_mem", max_tokens_per_rank=8)
+    with pytest.raises(ValueError, match="max_tokens_per_rank.*symm_mem"):
+        EPConfig(world_size=4, num_experts=8, hidden=16, backend="hierarchical", ranks_per_node=2, hop1="symm_mem")
+    with pytest.raises(ValueError, match="hop1"):
+        EPConfig(world_size=4, num_experts=8, hidden=16, backend="hierarchical", ranks_per_node=2, hop1="ib")
     cfg = EPConfig(world_size=8, num_experts=16, hidden=16, backend="hierarchical", ranks_per_node=4)
     assert cfg.nodes == 2 and EPConfig(world_size=8, num_experts=16, hidden=16).nodes == 1
     from dsmoe.parallel.buffer import _default_ranks_per_node

@@ -51,8 +51,8 @@ def _check_topk_idx(op: str, topk_idx: torch.Tensor, num_experts: int, ndim=2) -
 # ----------------------------------------------------------------------------- routing
 @torch.library.custom_op("dsmoe::moe_route", mutates_args=())
 def _route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
-           routed_scaling_factor: float, norm_topk_prob: bool, score_func: str, num_nodes: int,
-           max_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+           routed_scaling_factor: float, norm_topk_prob: bool, score_func: str, num_nodes: int = 1,
+           max_nodes: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     # NOTE: the fused kernel knows groups, not nodes: an active node limit runs the torch reference on the
     # logits' device (device ops only, no host sync: still capturable; see docs/internode.md).
     if max_nodes < num_nodes or not _native.use_kernel("moe", logits):
@@ -73,7 +73,8 @@ def _route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group:
 
 
 @_route.register_fake
-def _(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob, score_func, num_nodes, max_nodes):
+def _(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob, score_func, num_nodes=1,
+      max_nodes=1):
     T = logits.shape[0]
     return (logits.new_empty(T, top_k, dtype=torch.int32), logits.new_empty(T, top_k, dtype=torch.float32))
 

@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from .. import _checks as C
 from .. import _native
-from .common import BACKENDS, CALL_FIELDS, COMBINE_PARTIALS, EPConfig, EPHandle, EPTimeoutError, as_bytes_rows, \
+from .common import BACKENDS, CALL_FIELDS, COMBINE_PARTIALS, HOP1, EPConfig, EPHandle, EPTimeoutError, as_bytes_rows, \
     disagreement, dtype_code, dtype_name, from_bytes, get_dispatch_layout
 from .hierarchical import HierarchicalTransport
 from .nvlink import NVLinkTransport
@@ -63,7 +63,7 @@ __all__ = ["EPConfig", "EPBuffer", "EPHandle", "EPTimeoutError", "get_dispatch_l
 
 _HANDSHAKE_MAGIC = 0x44534D4F45  # "DSMOE": a rank whose first collective is something else shows up here
 _HS_FIELDS = ("magic", "hidden", "num_experts", "backend", "world_size", "max_tokens_per_rank", "group_ranks",
-              "ranks_per_node", "combine_partials")
+              "ranks_per_node", "combine_partials", "hop1")
 _CALL_FIELDS = CALL_FIELDS
 _STAT_KEYS = ("inter_node_rows", "inter_node_bytes", "intra_node_rows", "intra_node_bytes")
 
@@ -130,7 +130,8 @@ class EPBuffer:
 
     def __init__(self, group, num_experts: int, hidden: int, *, backend: str = "collective",
                  max_tokens_per_rank: int = 0, num_sms: int = 20, graph_safe: bool = False,
-                 timeout=None, ranks_per_node: int | None = None, combine_partials: str = "fp32"):
+                 timeout=None, ranks_per_node: int | None = None, combine_partials: str = "fp32",
+                 hop1: str = "collective"):
         if group is None:
             group = dist.group.WORLD
         if not dist.is_initialized():
@@ -141,7 +142,7 @@ class EPBuffer:
         if ranks_per_node is None:
             ranks_per_node = _default_ranks_per_node(backend, self.world_size)
         self.config = EPConfig(self.world_size, num_experts, hidden, backend, max_tokens_per_rank, num_sms,
-                               ranks_per_node=ranks_per_node, combine_partials=combine_partials)
+                               ranks_per_node=ranks_per_node, combine_partials=combine_partials, hop1=hop1)
         self.ranks_per_node = self.config.ranks_per_node or self.world_size
         self.num_nodes = self.world_size // self.ranks_per_node
         self.num_experts = num_experts
@@ -207,8 +208,8 @@ class EPBuffer:
             h = (h * 1000003 + r + 1) % (1 << 61)
         cfg = self.config
         return [_HANDSHAKE_MAGIC, cfg.hidden, cfg.num_experts, BACKENDS.index(self.backend), cfg.world_size,
-                cfg.max_tokens_per_rank if self.backend == "nvlink" else 0, h, cfg.ranks_per_node,
-                COMBINE_PARTIALS.index(cfg.combine_partials)]
+                cfg.max_tokens_per_rank if self.backend == "nvlink" or cfg.hop1 == "symm_mem" else 0, h,
+                cfg.ranks_per_node, COMBINE_PARTIALS.index(cfg.combine_partials), HOP1.index(cfg.hop1)]
 
     def _handshake(self, device, what: str = "dispatch") -> None:
         """First call: every rank gathers every rank's structural config; any difference raises ValueError
@@ -221,7 +222,8 @@ class EPBuffer:
         self._wait(lambda: dist.all_gather(got, mine, group=self.group, async_op=True), f"{what} (first-call handshake)")
         rows = [g.tolist() for g in got]
         diff = disagreement(rows, _HS_FIELDS, {"backend": lambda v: BACKENDS[v] if 0 <= v < len(BACKENDS) else v,
-                                               "combine_partials": lambda v: COMBINE_PARTIALS[v]})
+                                               "combine_partials": lambda v: COMBINE_PARTIALS[v],
+                                               "hop1": lambda v: HOP1[v]})
         if diff:
             raise ValueError(f"dsmoe.EPBuffer: the ranks of the group disagree on the configuration ({diff}); every "
                              f"rank must build its EPBuffer with the same num_experts, hidden, backend, group and "

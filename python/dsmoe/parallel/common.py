@@ -11,11 +11,12 @@ from .. import _checks as C
 
 __all__ = ["EPConfig", "EPHandle", "EPTimeoutError", "get_dispatch_layout", "NVLinkLayout", "al16", "BACKENDS",
            "dtype_code", "dtype_name", "disagreement", "CALL_FIELDS", "as_bytes_rows", "from_bytes",
-           "COMBINE_PARTIALS"]
+           "COMBINE_PARTIALS", "HOP1"]
 
 BACKENDS = ("collective", "nvlink", "hierarchical")
 CALL_FIELDS = ("dtype", "top_k", "fp8")  # what every dispatch's count exchange carries (the call signature)
 COMBINE_PARTIALS = ("fp32", "native")
+HOP1 = ("collective", "symm_mem")
 
 
 def as_bytes_rows(t: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,9 @@ class EPConfig:
     hierarchical backend routes by it, every backend's ``stats()`` classifies traffic by it.
     ``combine_partials`` (hierarchical): the dtype a node's partial sums cross nodes in ("fp32": the
     accumulation dtype, combine equal to the flat backend's up to summation order; "native": the rows'
-    dtype, half the inter-node combine bytes for bf16 rows at one extra rounding per node partial)."""
+    dtype, half the inter-node combine bytes for bf16 rows at one extra rounding per node partial).
+    ``hop1`` (hierarchical): "collective" (all_to_all on the rail group: NCCL, gloo) or "symm_mem" (CUDA:
+    torch symmetric memory's NVSHMEM ``all_to_all_vdev_2d``, buffers sized by ``max_tokens_per_rank``)."""
     world_size: int
     num_experts: int
     hidden: int
@@ -137,6 +140,7 @@ class EPConfig:
     top_k_max: int = 32
     ranks_per_node: int = 0
     combine_partials: str = "fp32"
+    hop1: str = "collective"
     num_local_experts: int = field(init=False)
 
     def __post_init__(self):
@@ -170,6 +174,14 @@ class EPConfig:
                 "when set), got none")
         if self.combine_partials not in COMBINE_PARTIALS:
             bad("combine_partials", f"must be one of {COMBINE_PARTIALS}, got {self.combine_partials!r}")
+        if self.hop1 not in HOP1:
+            bad("hop1", f"must be one of {HOP1}, got {self.hop1!r}")
+        if self.hop1 == "symm_mem":
+            if self.backend != "hierarchical":
+                bad("hop1", f"'symm_mem' is an option of the hierarchical backend, got backend {self.backend!r}")
+            if not isinstance(self.max_tokens_per_rank, int) or self.max_tokens_per_rank <= 0:
+                bad("max_tokens_per_rank", f"hop1='symm_mem' sizes its symmetric buffers by a positive worst-case "
+                    f"token count per rank, got {self.max_tokens_per_rank}")
         object.__setattr__(self, "num_local_experts", self.num_experts // self.world_size)
 
     @property

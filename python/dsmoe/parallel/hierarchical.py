@@ -35,6 +35,14 @@ raises EPTimeoutError on its rail and node peers within the timeout, and on the 
 two timeouts (they wait on a peer that has raised). Count exchanges are host synchronizations, as in the
 collective backend.
 
+``hop1="symm_mem"`` (CUDA, torch built with NVSHMEM): the hop-1 payloads (dispatch, combine and both
+backwards) go through torch symmetric memory's ``all_to_all_vdev_2d`` on the rail group, with one "expert"
+per rank (``ne = 1``: a plain variable all_to_all, splits exchanged on the device by the kernel itself), from
+and into symmetric buffers sized for ``max_tokens_per_rank`` tokens to or from every node. The count
+exchanges stay NCCL collectives (the host needs the sizes for hop 2 anyway). NOTE: the kernel PULLS from
+the peers' send buffers, so a rail barrier (a one-value NCCL all_to_all, stream-ordered after the peers'
+previous pulls) precedes every write into this rank's send buffer.
+
 ``plan`` is the pure layout both the transport and tools/internode_traffic.py use: the traffic figures of
 docs/internode.md are counted from the layouts the transport sends.
 """
@@ -74,6 +82,50 @@ def flat_plan(topk_idx: torch.Tensor, num_experts: int, world_size: int):
     return in_rank.sum(0, dtype=torch.int64)
 
 
+class _SymmRail:
+    """Hop 1 over NVSHMEM (see the module docstring)."""
+
+    def __init__(self, tr, group, N: int, max_rows: int, cap: int):
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+        except ImportError as e:
+            raise RuntimeError(f"dsmoe.EPBuffer: hop1='symm_mem' needs torch.distributed._symmetric_memory: {e}") from e
+        if not torch.cuda.is_available() or not hasattr(torch.ops.symm_mem, "all_to_all_vdev_2d") or \
+                not getattr(symm_mem, "is_nvshmem_available", lambda: False)():
+            raise RuntimeError("dsmoe.EPBuffer: hop1='symm_mem' needs CUDA and a torch build with NVSHMEM "
+                               "(torch.ops.symm_mem.all_to_all_vdev_2d); use hop1='collective'")
+        try:
+            symm_mem.set_backend("NVSHMEM")
+        except Exception:  # noqa: BLE001 - already chosen by the process: rendezvous reports a mismatch
+            pass
+        dev = torch.device("cuda", torch.cuda.current_device())
+        self.tr, self.group, self.N, self.cap = tr, group, N, cap
+        self.name = group.group_name
+        self.max_rows = max_rows
+        self.send = symm_mem.empty(max_rows * cap, dtype=torch.uint8, device=dev)
+        self.recv = symm_mem.empty(max_rows * cap, dtype=torch.uint8, device=dev)
+        self.splits = symm_mem.empty(N, dtype=torch.int64, device=dev)
+        self.splits_offsets = symm_mem.empty((2, N), dtype=torch.int64, device=dev)
+        for t in (self.send, self.recv, self.splits, self.splits_offsets):
+            symm_mem.rendezvous(t, self.name)
+
+    def fits(self, inp) -> bool:
+        # NOTE: the row width only (agreed by every rank); the row counts always fit, dispatch checks
+        # T <= max_tokens_per_rank, and no rank sends or receives more than T rows per node
+        return inp.is_cuda and inp.shape[1] <= self.cap
+
+    def a2a(self, out, inp, in_splits, what):
+        w = inp.shape[1]
+        rows = self.send.numel() // w
+        self.tr._even(self.group, torch.zeros(self.N, 1, dtype=torch.int64, device=inp.device), what)  # barrier
+        src, dst = self.send[:rows * w].view(rows, w), self.recv[:rows * w].view(rows, w)
+        src[:inp.shape[0]].copy_(inp)
+        self.splits.copy_(torch.tensor(list(in_splits), dtype=torch.int64))
+        torch.ops.symm_mem.all_to_all_vdev_2d(src, dst, self.splits, self.splits_offsets, self.name)
+        out.copy_(dst[:out.shape[0]])
+        return out
+
+
 class HierarchicalTransport:
     """The two-hop transport of one EPBuffer (built by it; see the module docstring)."""
 
@@ -95,6 +147,12 @@ class HierarchicalTransport:
                 [dist.get_group_rank(self.inter, g) for g in inter_ranks] != list(range(self.N)):
             raise ValueError("dsmoe.EPBuffer: argument 'group': the hierarchical backend needs the group's global "
                              "ranks in ascending order (node-major), got " + str(ranks))
+        self.symm = None
+        cfg = buf.config
+        if cfg.hop1 == "symm_mem":
+            cap = 4 * cfg.hidden + 4 * (cfg.hidden // 128) + 8 * cfg.top_k_max  # fp32 rows + scales + ids + weights
+            self.symm = _SymmRail(self, self.inter, self.N, cfg.max_tokens_per_rank * self.N, cap)
+            self.max_tokens = cfg.max_tokens_per_rank
 
     def _group(self, ranks, what):
         try:
@@ -115,6 +173,13 @@ class HierarchicalTransport:
                                                       async_op=True), what)
         return out
 
+    def _rail(self, out, inp, out_splits, in_splits, what):
+        """A hop-1 payload exchange: NVSHMEM when chosen and the rows fit its buffers (fp64 rows do not: every
+        rank decides alike, the row width is agreed), the rail collective otherwise."""
+        if self.symm is not None and self.symm.fits(inp):
+            return self.symm.a2a(out, inp, in_splits, what)
+        return self._a2a(self.inter, out, inp, out_splits, in_splits, what)
+
     def _even(self, group, send, what):
         recv = torch.empty_like(send)
         self.buf._wait(lambda: dist.all_to_all_single(recv, send.contiguous(), group=group, async_op=True), what)
@@ -134,6 +199,9 @@ class HierarchicalTransport:
         xs = x[0] if fp8 else x
         dev = xs.device
         T, k = topk_idx.shape
+        if self.symm is not None and T > self.max_tokens:
+            raise ValueError(f"dsmoe.EPBuffer.dispatch: argument 'x': {T} tokens exceed max_tokens_per_rank="
+                             f"{self.max_tokens} (the size of the hop1='symm_mem' buffers)")
         idx = topk_idx.long()
         in_rank, tok1, send1, fwd = plan(topk_idx, E, W, R)
         sig = torch.tensor([dtype_code(xs.dtype), k, int(fp8)], dtype=torch.int64, device=dev)
@@ -161,7 +229,7 @@ class HierarchicalTransport:
         rows = torch.cat(parts, 1) if tok1.numel() else torch.empty(0, width, dtype=torch.uint8, device=dev)
         S1r = sum(recv1)
         got1 = torch.empty(S1r, width, dtype=torch.uint8, device=dev)
-        self._a2a(self.inter, got1, rows, recv1, send1.tolist(), "dispatch")
+        self._rail(got1, rows, recv1, send1.tolist(), "dispatch")
         # 4. hop 2: forward to the ranks of this node that host any of the token's experts
         gids = from_bytes(got1, width - 8 * k, width - 4 * k, torch.int32, k)
         _, _, fin = get_dispatch_layout(gids, E, W, validate=False)
@@ -218,7 +286,7 @@ class HierarchicalTransport:
         b = as_bytes_rows(rows[h["tok1"]])
         width = b.shape[1]
         got1 = torch.empty(h["S1r"], width, dtype=torch.uint8, device=dev)
-        self._a2a(self.inter, got1, b, h["recv1"], h["send1"], "combine backward")
+        self._rail(got1, b, h["recv1"], h["send1"], "combine backward")
         got2 = torch.empty(sum(h["recv2"]), width, dtype=torch.uint8, device=dev)
         self._a2a(self.intra, got2, got1[h["row2"]], h["recv2"], h["send2"], "combine backward")
         self._record("combine backward", h["send1"], h["send2"], width, width)
@@ -258,7 +326,7 @@ class HierarchicalTransport:
             pw.index_add_(0, h["row2"], from_bytes(back2, yb, b.shape[1], torch.float32, k))  # disjoint slots: exact
             pb = torch.cat([pb, as_bytes_rows(pw)], 1)
         back1 = torch.empty(sum(h["send1"]), pb.shape[1], dtype=torch.uint8, device=dev)
-        self._a2a(self.inter, back1, pb, h["send1"], h["recv1"], what)
+        self._rail(back1, pb, h["send1"], h["recv1"], what)
         self._record(what, h["recv1"], h["recv2"], pb.shape[1], b.shape[1])
         pyb = H * torch.empty((), dtype=pdt).element_size()
         pv = from_bytes(back1, 0, pyb, pdt, H)
