@@ -288,6 +288,14 @@ def _fp8_and_bf16(flat, hier, rank, world, R, E, base):
     a, b = flat.combine(y, fh), hier.combine(y, hh)
     # bf16 rows, fp32 partials: the two sums differ by association only (then one bf16 rounding each)
     torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    rows_back = hier.stats()["inter_node_rows"]
+    assert hier.stats()["inter_node_bytes"] == rows_back * 4 * H  # fp32 node partials
+    # bf16 node partials: half the inter-node combine bytes; small integers keep every sum exact
+    native = EPBuffer(None, E, H, backend="hierarchical", ranks_per_node=R, combine_partials="native")
+    (nq, _), _, _, _, nh = native.dispatch((q8, sc), idx, w)
+    yi = torch.randint(-3, 4, (nq.shape[0], H), generator=g).bfloat16()
+    assert torch.equal(native.combine(yi, nh), flat.combine(yi, fh))
+    assert native.stats()["inter_node_rows"] == rows_back and native.stats()["inter_node_bytes"] == rows_back * 2 * H
     x = torch.randn(T, H, generator=g)
     xr = [x.clone().requires_grad_(True) for _ in range(2)]
     res = []
