@@ -258,6 +258,9 @@ def _worker(rank, world, R, port, base, q):
         st = hier.stats()
         assert st["total"]["inter_node_rows"] >= st["inter_node_rows"]
         _disagreement(hier, rank, world, E)
+        # a different node layout on one rank: every rank raises at construction, before building groups
+        with pytest.raises(ValueError, match=r"ranks_per_node: rank 0 = %d.*rank %d = %d" % (R, world - 1, world)):
+            EPBuffer(None, E, H, backend="hierarchical", ranks_per_node=world if rank == world - 1 else R)
         if world == 4:
             _fp8_and_bf16(flat, hier, rank, world, R, E, base)
             _never_calls(rank, world, R, E)  # last: leaves the group in an unknown state

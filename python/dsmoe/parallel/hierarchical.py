@@ -134,6 +134,9 @@ class HierarchicalTransport:
         W, R = buf.world_size, buf.ranks_per_node
         self.R, self.N = R, W // R
         self.node, self.local = divmod(buf.rank, R)
+        # NOTE: the handshake first (as the nvlink transport does): ranks that disagree on the node layout
+        # would otherwise build different groups and wait on each other until the timeout
+        buf._handshake("cuda" if dist.get_backend(buf.group) == "nccl" else "cpu", "__init__")
         ranks = dist.get_process_group_ranks(buf.group)  # global ranks, in group-rank order
         # NOTE: every member builds its own two groups, intra first: only members synchronize
         # (use_local_synchronization), so ranks outside the EP group need not call, and no rank waits on a
