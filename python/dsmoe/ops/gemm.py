@@ -111,8 +111,30 @@ def _check_2d_pair(op, a, b, kname):
     return M, N, K
 
 
+# Most SMs a GEMM launch may use (None: all of the device's). Frameworks lower it so that communication
+# kernels running alongside (expert-parallel dispatch/combine) keep SMs of their own.
+_SM_LIMIT: int | None = None
+
+
+def set_num_sms(num_sms: int | None) -> None:
+    """Caps the SMs (persistent CTAs) every GEMM launch uses at ``num_sms``; ``None`` or 0 lifts the cap.
+    Results do not depend on it; on CPU tensors it has no effect."""
+    global _SM_LIMIT
+    if num_sms is not None and (not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms < 0):
+        raise ValueError(f"dsmoe.set_num_sms: argument 'num_sms' must be None or an int >= 0, got {num_sms!r}")
+    _SM_LIMIT = num_sms or None
+
+
+def get_num_sms_limit() -> int | None:
+    """The cap set by :func:`set_num_sms` (None when GEMMs use every SM)."""
+    return _SM_LIMIT
+
+
 def _cfg(kind: str, M: int, N: int, K: int, device: torch.device):
-    return choose_config(M, N, K, _num_sms(device.index if device.index is not None else torch.cuda.current_device()), kind)
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if _SM_LIMIT is not None:
+        sms = min(sms, _SM_LIMIT)
+    return choose_config(M, N, K, sms, kind)
 
 
 def _cfg_args(cfg) -> tuple:
