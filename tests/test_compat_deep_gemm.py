@@ -649,3 +649,29 @@ def test_device_values_checked_before_writing():
     _raises(ValueError, r"'grouped_layout' must hold ks_cpu=\[128, 128\] on the device, got \[256, 0\]", k, ak, bk, d,
             [128, 128], torch.tensor([256, 0], dtype=torch.int32), torch.zeros(2, 8, 64))
     assert torch.isnan(d).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_framework_warmup_calls(device):
+    """SGLang's pre-compile warmup: compile-mode switch, uninitialized inputs, keyword m_indices/masked_m/
+    expected_m, row slices of preallocated buffers."""
+    G, max_m, N, K = 2, 256, 128, 256
+    old = deep_gemm.get_compile_mode()
+    deep_gemm.set_compile_mode(1)
+    assert deep_gemm.get_compile_mode() == 1
+    lhs = quant_a(max_m, K, device)
+    rhs = quant_w(N, K, device)
+    out = torch.empty(max_m, N, dtype=torch.bfloat16, device=device)
+    for m in (1, 77, 256):
+        deep_gemm.fp8_gemm_nt((lhs[0][:m], lhs[1][:m]), rhs, out[:m])
+        check_bf16(out[:m], deq_rows(lhs[0][:m], lhs[1][:m]) @ deq_blocks(*rhs).t(), device)
+    rhs_g = quant_w_grouped(G, N, K, device)
+    m_indices = torch.zeros(max_m, dtype=torch.int32, device=device)
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((lhs[0][:128], lhs[1][:128]), rhs_g, out[:128], m_indices=m_indices[:128])
+    check_bf16(out[:128], deq_rows(lhs[0][:128], lhs[1][:128]) @ deq_blocks(rhs_g[0][0], rhs_g[1][0]).t(), device)
+    lhs_m = (torch.empty(G, max_m, K, dtype=FP8, device=device), torch.empty(G, max_m, 2, device=device))
+    out_m = poison((G, max_m, N), torch.bfloat16, device)
+    deep_gemm.fp8_m_grouped_gemm_nt_masked(lhs_m, rhs_g, out_m, masked_m=torch.zeros(G, dtype=torch.int32, device=device),
+                                           expected_m=max_m)
+    assert torch.isnan(out_m).all()
+    deep_gemm.set_compile_mode(old)

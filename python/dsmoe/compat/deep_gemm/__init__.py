@@ -53,6 +53,21 @@ def get_num_sms() -> int:
     return 0
 
 
+_compile_mode = 0
+
+
+def set_compile_mode(mode: int) -> None:
+    """DeepGEMM's JIT mode switch (frameworks set 1 while pre-compiling). dsmoe's kernels are compiled
+    ahead of time, so the value is only recorded (for :func:`get_compile_mode`)."""
+    global _compile_mode
+    _compile_mode = _as_int("set_compile_mode", "mode", mode, min_value=0)
+
+
+def get_compile_mode() -> int:
+    """The value last given to :func:`set_compile_mode` (0 at start)."""
+    return _compile_mode
+
+
 # Names of DeepGEMM's earlier APIs that frameworks still resolve (same functions, same conventions).
 fp8_fp4_gemm_nt = fp8_gemm_nt
 fp8_fp4_gemm_nn = fp8_gemm_nn
@@ -112,6 +127,6 @@ __all__ = [
     "m_grouped_fp8_fp4_gemm_nt_masked", "fp8_m_grouped_gemm_nt_masked",
     "gemm_fp8_fp8_bf16_nt", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
     "wgrad_gemm_fp8_fp8_fp32_nt", "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
-    "set_num_sms", "get_num_sms", "transform_sf_into_required_layout",
+    "set_num_sms", "get_num_sms", "set_compile_mode", "get_compile_mode", "transform_sf_into_required_layout",
     *utils.__all__,
 ]
