@@ -271,6 +271,13 @@ def test_m_grouped_contiguous_psum_layout(device):
     check_bf16(d[valid], ref[valid], device)
     assert torch.isnan(d[~valid]).all()
 
+    d2 = poison((M, N), torch.bfloat16, device)
+    for bad in ([70, 100, 300], [70, 128, M + 1]):
+        with pytest.raises(ValueError, match=r"'grouped_layout' \(psum layout\) entry"):
+            deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d2, torch.tensor(bad, dtype=torch.int32, device=device),
+                                                       use_psum_layout=True)
+    assert torch.isnan(d2).all()
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_m_grouped_contiguous_empty_m(device):

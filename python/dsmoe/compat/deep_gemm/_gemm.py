@@ -346,6 +346,14 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, 
                                       f"got shape {tuple(w.shape)}")
     if M == 0:
         return None
+    if use_psum_layout and can_read_device_values(grouped_layout):
+        prev = 0
+        for g, end in enumerate(grouped_layout.tolist()):
+            start = _cdiv(prev, _ALIGN) * _ALIGN
+            if not start <= end <= M:
+                raise value_error(fn, "grouped_layout", f"(psum layout) entry {g} must be in [{start}, {M}] (the previous "
+                                                        f"end rounded up to {_ALIGN}, and M), got {end}")
+            prev = end
     idx = _psum_to_m_indices(grouped_layout, M) if use_psum_layout else grouped_layout
 
     Mp, Kp, Np = _cdiv(M, _ALIGN) * _ALIGN, kb * _BK, _cdiv(N, _N_ALIGN) * _N_ALIGN
