@@ -406,3 +406,51 @@ def test_fp8_gemm_nt_out_dtype_and_out_must_agree():
         ops.fp8_gemm_nt(qa, sa, qb, sb, out=out, out_dtype=torch.float16)
     with pytest.raises(TypeError, match="disagrees"):
         ref.fp8_gemm_nt(qa, sa, qb, sb, out=torch.empty(5, 128, dtype=torch.bfloat16), out_dtype=torch.float32)
+
+
+def test_grouped_k0_launcher_branch_writes_what_the_reference_writes(monkeypatch):
+    """K = 0 is an empty sum: the launcher's no-launch branch (taken on CUDA) must zero exactly the rows
+    the reference writes (contiguous: valid aligned blocks, -1 rows untouched; masked: rows < masked_m)
+    and keep every other row. The branch is reached on CPU by declaring the kernel family usable: it
+    returns before any launch."""
+    import dsmoe._native as native
+
+    g = torch.Generator().manual_seed(5)
+    al = ops.get_m_alignment_for_contiguous_layout()
+    G, N = 3, 64
+    idx = torch.full((3 * al,), -1, dtype=torch.int32)
+    idx[:al - 5] = 0
+    idx[2 * al:2 * al + 9] = 2
+    qa = torch.zeros(3 * al, 0, dtype=torch.float8_e4m3fn)
+    sa = torch.zeros(3 * al, 0)
+    qb = torch.zeros(G, N, 0, dtype=torch.float8_e4m3fn)
+    sb = torch.zeros(G, 1, 0)
+    qm = torch.zeros(G, 11, 0, dtype=torch.float8_e4m3fn)
+    sm = torch.zeros(G, 11, 0)
+    masked_m = torch.tensor([0, 4, 11], dtype=torch.int32)
+
+    def both():
+        d = torch.randn(3 * al, N, generator=g).to(torch.bfloat16)
+        d[-1] = float("nan")
+        e = torch.randn(G, 11, N, generator=g).to(torch.bfloat16)
+        e[0, 0] = float("nan")
+        out_c, out_m = d.clone(), e.clone()
+        ops.m_grouped_fp8_gemm_nt_contiguous(qa, sa, qb, sb, idx, out=out_c)
+        ops.m_grouped_fp8_gemm_nt_masked(qm, sm, qb, sb, masked_m, 4, out=out_m)
+        return d, e, out_c, out_m
+
+    d, e, ref_c, ref_m = both()
+    rows = torch.arange(3 * al)
+    written = ((rows < al - 5) | ((rows >= 2 * al) & (rows < 2 * al + 9)))
+    assert (ref_c[written] == 0).all() and torch.equal(ref_c[~written].view(torch.int16), d[~written].view(torch.int16))
+    assert (ref_m[1, :4] == 0).all() and (ref_m[2] == 0).all()
+    assert torch.equal(ref_m[0].view(torch.int16), e[0].view(torch.int16))
+    assert torch.equal(ref_m[1, 4:].view(torch.int16), e[1, 4:].view(torch.int16))
+
+    monkeypatch.setattr(native, "use_kernel", lambda family, t: True)
+    d2, e2, out_c, out_m = both()
+    assert torch.equal(out_c[written], ref_c[written])
+    assert torch.equal(out_c[~written].view(torch.int16), d2[~written].view(torch.int16))
+    assert torch.equal(out_m[1, :4], ref_m[1, :4]) and torch.equal(out_m[2], ref_m[2])
+    assert torch.equal(out_m[0].view(torch.int16), e2[0].view(torch.int16))
+    assert torch.equal(out_m[1, 4:].view(torch.int16), e2[1, 4:].view(torch.int16))

@@ -206,7 +206,14 @@ def _m_grouped_contiguous(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tens
         return
     M, K = a.shape
     G, N, _ = b.shape
-    if M == 0 or N == 0 or K == 0:
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        # an empty sum: the rows the kernel would write are zero (the reference's rule for which rows those
+        # are: a row whose aligned block starts with its own valid group id), without reading to the host
+        idx = m_indices.to(torch.int64)
+        first = idx[torch.arange(M, device=idx.device) // ref.M_ALIGNMENT * ref.M_ALIGNMENT]
+        out.masked_fill_(((idx == first) & (first >= 0) & (first < G)).unsqueeze(1), 0)
         return
     sa = _tma_scales(a_scales)
     cfg = _cfg("contiguous", M, N, K, a.device)
@@ -288,7 +295,11 @@ def _m_grouped_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, 
         return
     G, M_max, K = a.shape
     N = b.shape[1]
-    if G == 0 or M_max == 0 or N == 0 or K == 0:
+    if G == 0 or M_max == 0 or N == 0:
+        return
+    if K == 0:      # an empty sum: rows < masked_m[g] are zero, the others untouched
+        rows = torch.arange(M_max, device=a.device)
+        out.masked_fill_((rows[None, :] < masked_m.to(torch.int64)[:, None]).unsqueeze(-1), 0)
         return
     sa = _tma_scales(a_scales)
     ld_k, ld_g = _scale_strides(sa)
