@@ -1,5 +1,5 @@
 """The `dsmoe` command line: `dsmoe info`, `dsmoe bench SUITE`, `dsmoe demo quant`, `dsmoe train`,
-`dsmoe generate`, `dsmoe serve`.
+`dsmoe generate`, `dsmoe serve`, `dsmoe rl`.
 
 A user error (a bad value, an unusable --out or --device, no GPU for `bench`) is one line on stderr and
 exit status 2 (wrong argument) or 1 (this machine cannot do it), and nothing is written."""
@@ -34,6 +34,10 @@ def main(argv=None) -> int:
         from .serve.cli import main as generate_main
 
         return generate_main(argv[1:])
+    if argv and argv[0] == "rl":  # its own parser: `dsmoe rl --help`
+        from .rl.demo import main as rl_main
+
+        return rl_main(argv[1:])
     if argv and argv[0] == "serve":  # its own parser: `dsmoe serve --help`
         try:
             from .serve.server import main as serve_main
@@ -56,6 +60,7 @@ def main(argv=None) -> int:
     pd.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a usable GPU, else cpu)")
     sub.add_parser("train", help="train a small DeepSeek-V3-style model on a synthetic task (`dsmoe train --help`)")
     sub.add_parser("generate", help="complete prompts from a checkpoint with dsmoe.serve (`dsmoe generate --help`)")
+    sub.add_parser("rl", help="GRPO reinforcement learning on a small model with a verifiable reward (`dsmoe rl --help`)")
     sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a checkpoint (`dsmoe serve --help`)")
     args = p.parse_args(argv)
 

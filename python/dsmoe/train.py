@@ -17,7 +17,7 @@ import time
 
 import torch
 
-__all__ = ["main", "PRESETS", "preset_config", "train"]
+__all__ = ["main", "PRESETS", "preset_config", "train", "make_optimizer"]
 
 PRESETS = {
     # ~0.6M parameters; a couple of minutes on a 2-core CPU.
@@ -53,6 +53,15 @@ def _lr(step, total, base, warmup):
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def make_optimizer(model, lr: float, weight_decay: float = 0.01):
+    """AdamW (betas 0.9/0.95) with weight decay on the matrices only (not embeddings, norms, biases); shared
+    by ``dsmoe train`` and ``dsmoe.rl``."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
 def train(preset: str = "tiny", *, fp8: bool = True, steps: int | None = None, device: str = "cpu", seed: int = 0,
           progress: bool = True, batch: int | None = None, lr: float | None = None, label: str = ""):
     """Trains one model; returns ``(model, task, history)`` with per-step losses and expert loads."""
@@ -68,10 +77,7 @@ def train(preset: str = "tiny", *, fp8: bool = True, steps: int | None = None, d
     cfg = preset_config(preset, task.vocab_size)
     dev = torch.device(device)
     model = DeepseekV3ForCausalLM(cfg, fp8=fp8).to(dev).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
+    opt = make_optimizer(model, lr)
     gen = torch.Generator().manual_seed(seed + 1)
     hist = {"loss": [], "lm_loss": [], "mtp_loss": [], "aux_loss": [], "load": [], "fp8": fp8}
     it = range(steps)
