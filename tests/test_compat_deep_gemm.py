@@ -69,6 +69,15 @@ def quant_w(N, K, device):
     return per_block_cast_to_fp8(torch.randn(N, K, device=device, dtype=torch.bfloat16), use_ue8m0=False)
 
 
+def mn_major_unpadded(sf):
+    """The same scale values laid out with stride 1 along MN and no TMA padding (a [.., kb, mn]
+    buffer transposed), as a framework's own quantizer may produce them."""
+    t = torch.empty(*sf.shape[:-2], sf.shape[-1], sf.shape[-2], dtype=sf.dtype, device=sf.device).transpose(-1, -2)
+    t.copy_(sf)
+    assert t.stride(-2) == 1 and torch.equal(t, sf)
+    return t
+
+
 def quant_w_grouped(G, N, K, device):
     pairs = [quant_w(N, K, device) for _ in range(G)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
@@ -94,6 +103,16 @@ def test_fp8_gemm_nt_bf16(device, M, N, K):
     d3 = poison((M, N), torch.bfloat16, device)
     deep_gemm.gemm_fp8_fp8_bf16_nt((a[0], deep_gemm.get_col_major_tma_aligned_tensor(a[1])), b, d3)
     assert torch.equal(d3, d)
+
+    # MN-major scales without TMA padding, and row slices of a wider MN-major scale buffer (SGLang's
+    # warmup slices [:m] of buffers quantized for max_m)
+    d4 = poison((M, N), torch.bfloat16, device)
+    deep_gemm.fp8_gemm_nt((a[0], mn_major_unpadded(a[1])), b, d4)
+    assert torch.equal(d4, d)
+    wide = get_mn_major_tma_aligned_tensor(torch.cat([a[1], torch.rand(9, a[1].shape[1], device=device)]))
+    d5 = poison((M, N), torch.bfloat16, device)
+    deep_gemm.fp8_gemm_nt((a[0], wide[:M]), b, d5)
+    assert torch.equal(d5, d)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -199,12 +218,13 @@ def test_fp8_gemm_nt_writes_into_strided_d_view(device):
 
 # ----------------------------------------------------------------------------- M-grouped contiguous
 def make_contiguous(G, N, K, device, expected_m=100, zero_group=True):
-    """Groups of random sizes (one possibly empty), each padded to 128 rows with -1 rows."""
+    """Groups of random sizes (one possibly empty), each padded to 128 rows with -1 rows, and a
+    trailing all -1 block (frameworks size the buffer for the worst case)."""
     ms = [max(0, int(expected_m * random.uniform(0.3, 1.7))) for _ in range(G)]
     if zero_group and G > 1:
         ms[random.randrange(G)] = 0
     aligned = [align(m, 128) for m in ms]
-    M = sum(aligned)
+    M = sum(aligned) + 128
     idx = torch.full((M,), -1, dtype=torch.int32)
     start = 0
     for g, (m, am) in enumerate(zip(ms, aligned)):
@@ -213,6 +233,16 @@ def make_contiguous(G, N, K, device, expected_m=100, zero_group=True):
     a = quant_a(M, K, device)
     b = quant_w_grouped(G, N, K, device)
     return a, b, idx.to(device), M
+
+
+def deepgemm_block_rows(idx):
+    """The group each row is computed with by DeepGEMM's Hopper contiguous kernels (128-row blocks, the
+    group read from the block's first row, blocks starting with -1 skipped): -1 where not written."""
+    eff = idx.cpu().tolist()
+    for s in range(0, len(eff), 128):
+        if eff[s] >= 0:
+            eff[s:s + 128] = [eff[s] if v < 0 else v for v in eff[s:s + 128]]
+    return torch.tensor(eff, dtype=torch.int32, device=idx.device)
 
 
 def contiguous_ref(a, b, idx):
@@ -230,12 +260,14 @@ def contiguous_ref(a, b, idx):
 def test_m_grouped_contiguous(device, G, N, K):
     random.seed(torch.initial_seed())
     a, b, idx, M = make_contiguous(G, N, K, device)
-    ref = contiguous_ref(a, b, idx)
-    valid = idx >= 0
+    rows = deepgemm_block_rows(idx)
+    ref = contiguous_ref(a, b, rows)
+    valid = rows >= 0
+    assert (idx[valid] < 0).any() and not valid[-128:].any()  # padding rows computed, last block skipped
     d = poison((M, N), torch.bfloat16, device)
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d, idx)  # SGLang / vLLM: positional m_indices
     check_bf16(d[valid], ref[valid], device)
-    assert torch.isnan(d[~valid]).all()  # -1 rows are not written (DeepGEMM leaves them unspecified)
+    assert torch.isnan(d[~valid]).all()  # blocks starting with -1 are not written
 
     d2 = poison((M, N), torch.bfloat16, device)
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d2, grouped_layout=idx, disable_ue8m0_cast=True,
@@ -244,6 +276,12 @@ def test_m_grouped_contiguous(device, G, N, K):
     deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, b, d3, m_indices=idx)
     assert torch.equal(d2[valid], d[valid]) and torch.equal(d3[valid], d[valid])
     assert torch.isnan(d2[~valid]).all() and torch.isnan(d3[~valid]).all()
+
+    # scales as SGLang's and vLLM's quantizers hand them over: MN-major (column-major, TMA-aligned)
+    for sf in (get_mn_major_tma_aligned_tensor(a[1]), mn_major_unpadded(a[1])):
+        d4 = poison((M, N), torch.bfloat16, device)
+        deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a[0], sf), b, d4, idx)
+        assert torch.equal(d4[valid], d[valid]) and torch.isnan(d4[~valid]).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -255,7 +293,7 @@ def test_m_grouped_contiguous_psum_layout(device):
     for m in ms:
         ends.append(start + m)
         start = align(start + m, 128)
-    M = start
+    M = start + 128  # a trailing block no group reaches
     a = quant_a(M, K, device)
     b = quant_w_grouped(G, N, K, device)
     idx = torch.full((M,), -1, dtype=torch.int32)
@@ -263,8 +301,10 @@ def test_m_grouped_contiguous_psum_layout(device):
     for g, e in enumerate(ends):
         idx[s:e] = g
         s = align(e, 128)
-    ref = contiguous_ref(a, b, idx.to(device))
-    valid = (idx >= 0).to(device)
+    rows = deepgemm_block_rows(idx).to(device)
+    ref = contiguous_ref(a, b, rows)
+    valid = rows >= 0
+    assert valid[:start].all() and not valid[start:].any()
     d = poison((M, N), torch.bfloat16, device)
     psum = torch.tensor(ends, dtype=torch.int32, device=device)
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d, psum, use_psum_layout=True, expected_m_for_psum_layout=100)
@@ -307,6 +347,11 @@ def test_m_grouped_masked(device, G, M_max, N, K):
         lambda d: deep_gemm.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, disable_ue8m0_cast=True,
                                                          recipe=(1, 128, 128)),  # DeepGEMM's tests
         lambda d: deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, b, d, masked_m, expected_m),  # first API
+        # DeepEP's low-latency dispatch hands the scales over per expert column-major ([G, kb, M_max]
+        # transposed, M_max not padded); SGLang re-lays them with get_mn_major_tma_aligned_tensor
+        lambda d: deep_gemm.fp8_m_grouped_gemm_nt_masked((a[0], mn_major_unpadded(a[1])), b, d, masked_m, expected_m),
+        lambda d: deep_gemm.fp8_m_grouped_gemm_nt_masked((a[0], get_mn_major_tma_aligned_tensor(a[1])), b, d,
+                                                         masked_m, expected_m),
     ):
         d = poison((G, M_max, N), torch.bfloat16, device)
         call(d)
@@ -494,6 +539,10 @@ def test_bad_arguments_name_the_argument_before_running():
     _raises(ValueError, r"'b\[1\]' \(scaling factors\) must have shape \(2, 1, 2\)", g, ag, (bg[0], bg[1][:1]), dg, idx)
     _raises(ValueError, r"values must be in \[-1, 2\)", g, ag, bg, dg, torch.full((128,), 5, dtype=torch.int32))
     _raises(ValueError, r"older name", g, ag, bg, dg, idx, m_indices=idx)
+    mixed = torch.cat([torch.zeros(64, dtype=torch.int32), torch.full((32,), -1, dtype=torch.int32),
+                       torch.ones(32, dtype=torch.int32)])
+    _raises(ValueError, r"'grouped_layout'.*one group", g, ag, bg, dg, mixed)  # two groups in one 128-row block
+    _raises(ValueError, r"'grouped_layout'.*one group", g, ag, bg, dg, mixed.flip(0).contiguous())  # group after -1
     with pytest.raises(TypeError, match="missing required argument 'grouped_layout'"):
         g(ag, bg, dg)
     assert torch.isnan(dg).all()
@@ -555,6 +604,8 @@ def test_layout_helpers():
     assert tr(sfa[0], 37, 200, (1, 128)).stride() == (1, 40)
     sfb = torch.randn(2, 3, 2)
     assert tr(sfb, 300, 256, (1, 128, 128), 2, False) is sfb
+    # vLLM's weight preparation: all keywords, its wrapper adding disable_ue8m0_cast
+    assert tr(sf=sfb, mn=300, k=256, recipe=(1, 128, 128), num_groups=2, is_sfa=False, disable_ue8m0_cast=True) is sfb
     sfb_t = torch.randn(2, 2, 3).transpose(1, 2)
     assert tr(sfb_t, 300, 256, (128, 128), num_groups=2) is sfb_t
     with pytest.raises(ValueError, match="contiguous after transposing"):
@@ -617,6 +668,7 @@ def test_cast_helpers(device, use_ue8m0):
     amax = xp.view(37, 2, 128).abs().amax(-1).clamp(min=1e-4)
     want = ceil_to_ue8m0(amax / 448) if use_ue8m0 else amax / 448
     assert q.shape == (37, 200) and q.dtype == FP8 and s.shape == (37, 2)
+    assert q.is_contiguous() and s.is_contiguous()  # as the original returns them
     assert torch.equal(s, want)
     assert (deq_rows(q, s) - x.double()).abs().le(s.double().repeat_interleave(128, -1)[:, :200] * 16 + 1e-30).all()
     assert rel_err(deq_rows(q, s), x) < 0.05
@@ -626,6 +678,7 @@ def test_cast_helpers(device, use_ue8m0):
     bmax = xb.abs().amax(dim=(1, 3)).clamp(min=1e-4).view(1, 2)
     assert torch.equal(sb, ceil_to_ue8m0(bmax / 448) if use_ue8m0 else bmax / 448)
     assert rel_err(deq_blocks(qb, sb), x) < 0.05
+    assert qb.shape == x.shape and qb.is_contiguous() and sb.shape == (1, 2)
 
     y = torch.randn(256, 37, device=device)
     qc, sc = per_channel_cast_to_fp8(y, use_ue8m0=use_ue8m0)
@@ -638,6 +691,14 @@ def test_cast_helpers(device, use_ue8m0):
         assert packed.dtype == torch.int32 and packed.shape == (37, 1)
         exps = packed.view(torch.uint8).view(37, 4)[:, :2].int()
         assert torch.equal(exps, (s.view(torch.int32) >> 23))
+
+
+def test_ceil_to_ue8m0_is_the_next_power_of_two():
+    # independent of the bit manipulation: 2 ** ceil(log2 |x|) in fp64, clamped to UE8M0's exponent range
+    x = torch.cat([torch.tensor([1.0, 1.5, -0.3, 448.0, 2.0 ** -126, 3e38]), torch.rand(200) * 10 ** torch.randn(200)])
+    want = torch.exp2(torch.ceil(torch.log2(x.double().abs()))).clamp(2.0 ** -126, 2.0 ** 127).float()
+    assert torch.equal(ceil_to_ue8m0(x), want)
+    assert torch.equal(ceil_to_ue8m0(torch.zeros(3)), torch.full((3,), 2.0 ** -126))
 
 
 def test_testing_helpers():

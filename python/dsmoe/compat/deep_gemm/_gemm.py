@@ -298,6 +298,17 @@ def _psum_to_m_indices(psum: torch.Tensor, M: int) -> torch.Tensor:
     return torch.where(valid, g, torch.full_like(g, -1)).to(torch.int32)
 
 
+def _block_groups(idx: torch.Tensor) -> torch.Tensor:
+    """DeepGEMM's SM90 contiguous kernels take each 128-row block's group from its first row and
+    compute the whole block with it: -1 (padding) rows after a group's rows in its last block get
+    ``a[r] @ b[g]^T`` (zero for the zeroed padding activations DeepGEMM's tests and the frameworks
+    pass), and blocks that start with -1 are skipped. Filling those -1 rows with the block's group
+    (on the device, no sync) gives dsmoe's op the same rows to write. ``idx`` int32 ``[128 * n]``."""
+    blk = idx.view(-1, _ALIGN)
+    first = blk[:, :1].expand_as(blk)
+    return torch.where((blk < 0) & (first >= 0), first, blk).reshape(-1)
+
+
 def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, recipe_a=None, recipe_b=None,
                                      compiled_dims: str = "nk", disable_ue8m0_cast: bool = False,
                                      use_psum_layout: bool = False, ensure_zero_padding: bool = True,
@@ -308,9 +319,11 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, 
     ``a = (x [M, K], sfa [M, ceil(K/128)])``, ``b = (w [G, N, K], sfb [G, ceil(N/128), ceil(K/128)])``;
     ``grouped_layout`` (``m_indices`` in DeepGEMM's older API) int32 ``[M]``: each row's group, each
     group starting at a multiple of 128 rows and padded with -1 rows; or, with ``use_psum_layout``,
-    int32 ``[G]`` cumulative row ends (group g's rows ``[align(layout[g-1], 128), layout[g])``). Rows
-    marked -1 (and psum gaps) are not written: their ``d`` content is kept (DeepGEMM writes them with
-    unspecified values). ``ensure_zero_padding`` and ``expected_m_for_psum_layout`` are SM100 options and
+    int32 ``[G]`` cumulative row ends (group g's rows ``[align(layout[g-1], 128), layout[g])``). As on
+    DeepGEMM's Hopper kernels, the group of a 128-row block is its first row's: -1 rows (and psum gaps)
+    in a block that starts with group g are written with ``a[r] @ b[g]^T`` (0 for zeroed padding
+    activations), blocks that start with -1 are not written (their ``d`` content is kept).
+    ``ensure_zero_padding`` and ``expected_m_for_psum_layout`` are SM100 options and
     tiling hints, accepted and without effect.
     """
     fn = "m_grouped_fp8_gemm_nt_contiguous"
@@ -363,6 +376,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, 
     sfb = _last_dim_packed(sfb)
     if Mp != M:
         idx = torch.cat([idx, idx.new_full((Mp - M,), -1)])
+    idx = _block_groups(idx)
     errors = _ops_errors(fn, {"m_indices": "grouped_layout"})
     if Mp == M and Np == N and d.is_contiguous():
         with errors:
