@@ -701,6 +701,20 @@ def test_ceil_to_ue8m0_is_the_next_power_of_two():
     assert torch.equal(ceil_to_ue8m0(torch.zeros(3)), torch.full((3,), 2.0 ** -126))
 
 
+def test_registered_under_deep_gemm_names(monkeypatch):
+    """docs/compat.md's start-up aliasing: DeepGEMM's submodule imports resolve to this package."""
+    import importlib
+    import sys
+    pre = "dsmoe.compat.deep_gemm"
+    for k, m in list(sys.modules.items()):
+        if k == pre or k.startswith(pre + "."):
+            monkeypatch.setitem(sys.modules, "deep_gemm" + k[len(pre):], m)
+    assert importlib.import_module("deep_gemm") is deep_gemm
+    assert importlib.import_module("deep_gemm.utils.layout").get_mn_major_tma_aligned_tensor is get_mn_major_tma_aligned_tensor
+    assert importlib.import_module("deep_gemm.utils").per_token_cast_to_fp8 is per_token_cast_to_fp8
+    assert importlib.import_module("deep_gemm.testing").calc_diff is calc_diff
+
+
 def test_testing_helpers():
     x = torch.randn(10, 10)
     assert calc_diff(x, x) == pytest.approx(0.0, abs=1e-12)
