@@ -60,8 +60,10 @@ def _route_loop(logits, bias, top_k, n_group, topk_group, num_nodes, max_nodes):
 
 
 # (E, top_k, n_group, topk_group, num_nodes, max_nodes): no group limit; groups = nodes (V3); groups finer
-# than nodes; groups coarser than nodes; one node kept
-ROUTE_CASES = [(16, 4, 1, 1, 4, 2), (64, 8, 8, 4, 8, 4), (32, 4, 8, 4, 4, 2), (24, 3, 2, 1, 4, 1), (12, 3, 1, 1, 3, 1)]
+# than nodes; groups coarser than nodes; one node kept; max_nodes not dividing top_k (node score over the
+# top ceil(k / M): 2 of 6 / 4, 3 of 5 / 2, the last with groups finer than nodes); top_k < max_nodes
+ROUTE_CASES = [(16, 4, 1, 1, 4, 2), (64, 8, 8, 4, 8, 4), (32, 4, 8, 4, 4, 2), (24, 3, 2, 1, 4, 1), (12, 3, 1, 1, 3, 1),
+               (32, 6, 1, 1, 8, 4), (24, 5, 1, 1, 4, 2), (32, 5, 8, 4, 4, 2), (24, 2, 1, 1, 6, 4)]
 
 
 @pytest.mark.parametrize("case", ROUTE_CASES)
@@ -188,7 +190,9 @@ def _run_both(bufs, x, idx, w, seed):
         xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         rx, ri, rw, cnt, h = b.dispatch(xr, idx, wr)
         st_d = b.stats()
-        coef = torch.where(ri >= 0, (ri.double() + 1) / 4, torch.zeros((), dtype=torch.float64))
+        # NOTE: other ranks' slots (ri = -1, rw = 0) get a nonzero coefficient: the forward is unchanged, but
+        # their weight gradients are nonzero here and must not reach the source's dw (masking checked)
+        coef = torch.where(ri >= 0, (ri.double() + 1) / 4, torch.full((), 0.5, dtype=torch.float64))
         y = rx * (rw.double() * coef).sum(1, keepdim=True) + rx
         out = b.combine(y, h)
         st_c = b.stats()
@@ -292,7 +296,40 @@ def _fp8_and_bf16(flat, hier, rank, world, R, E, base):
     # bf16 rows, fp32 partials: the two sums differ by association only (then one bf16 rounding each)
     torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
     rows_back = hier.stats()["inter_node_rows"]
-    assert hier.stats()["inter_node_bytes"] == rows_back * 4 * H  # fp32 node partials
+    # fp32 node partials, except a partial of one row (one rank of this node had the token): that row, in bf16.
+    # Independent count from every rank's ids: the rows this rank forwarded (same local index, other node) and
+    # how many ranks of this node each one reached
+    every = [None] * world
+    dist.all_gather_object(every, idx)
+    L, node, loc = E // world, rank // R, rank % R
+    one = summed = 0
+    for s in range(world):
+        if s // R == node or s % R != loc:
+            continue
+        for t in range(every[s].shape[0]):
+            n_here = len({int(e) // L for e in every[s][t] if int(e) // (L * R) == node})
+            one += n_here == 1
+            summed += n_here > 1
+    assert rows_back == one + summed
+    assert hier.stats()["inter_node_bytes"] == one * 2 * H + summed * 4 * H
+    # exact sums: fp32 partials (mixed widths) equal the flat backend's bit for bit
+    yi = torch.randint(-3, 4, (fq.shape[0], H), generator=g).bfloat16()
+    assert torch.equal(hier.combine(yi, hh), flat.combine(yi, fh))
+    # bf16 rows through autograd (dispatch backward = the mixed-width combine carrying weight gradients):
+    # integer data and dyadic weights keep every sum exact, so outputs and both gradients match bit for bit
+    xb = torch.randint(-4, 5, (T, H), generator=g).bfloat16()
+    wb = torch.randint(1, 8, (T, K), generator=g).float() / 8
+    gb = torch.randint(-3, 4, (T, H), generator=g).float()
+    got = []
+    for bf in (flat, hier):
+        xx, ww = xb.clone().requires_grad_(True), wb.clone().requires_grad_(True)
+        rx, ri, rw, _, h = bf.dispatch(xx, idx, ww)
+        ybf = rx + (rw.sum(1, keepdim=True) * 4).bfloat16()
+        out = bf.combine(ybf, h)
+        (out.float() * gb).sum().backward()
+        got.append((out.detach(), xx.grad, ww.grad))
+    for u, v in zip(*got):
+        assert torch.equal(u, v)
     # bf16 node partials: half the inter-node combine bytes; small integers keep every sum exact
     native = EPBuffer(None, E, H, backend="hierarchical", ranks_per_node=R, combine_partials="native")
     (nq, _), _, _, _, nh = native.dispatch((q8, sc), idx, w)
@@ -408,3 +445,9 @@ def test_traffic_tool_counts_from_the_layouts():
     assert h["dispatch_inter_rows"] == per["remote_node_pairs"] and f["dispatch_inter_rows"] == per["remote_rank_pairs"]
     assert math.isclose(h["dispatch_inter_bytes_per_token"], per["remote_node_pairs"] * rep["row_bytes"]["dispatch"] / tok)
     assert h["dispatch_inter_rows"] <= f["dispatch_inter_rows"]
+    # combine: fp32 partials cost 4 B per element, except single-row partials (2 B, the row itself)
+    one, rows = h["combine_inter_single_rows"], h["dispatch_inter_rows"]
+    assert 0 <= one <= rows
+    assert math.isclose(h["combine_inter_bytes_per_token_fp32"], (one * 2 * 256 + (rows - one) * 4 * 256) / tok)
+    assert h["combine_inter_bytes_per_token_native"] <= h["combine_inter_bytes_per_token_fp32"] <= \
+        h["combine_inter_bytes_per_token_all_fp32"]

@@ -4,8 +4,8 @@ No network: every simulated rank routes its own tokens with ``dsmoe.ops.moe_rout
 included) and the counts come from the transports' own layout functions: ``dsmoe.parallel.hierarchical.plan``
 (what the hierarchical backend sends in hop 1 and forwards in hop 2) and ``flat_plan`` (what the collective
 backend sends). Row sizes are the transports' byte rows: dispatch FP8 payload + fp32 scales + int32 ids + fp32
-weights; combine rows in bf16, the hierarchical node partials in fp32 (``combine_partials="fp32"``, default)
-or bf16 (``"native"``).
+weights; combine rows in bf16, the hierarchical node partials in fp32 (``combine_partials="fp32"``, default:
+a partial of one row crosses as that bf16 row, a real sum in fp32) or bf16 (``"native"``).
 
 Router logits are random (N(0, 1) plus a small random bias), so the "typical" columns describe a router
 without learned structure; the per-token maxima are the bounds whatever the router does.
@@ -34,7 +34,8 @@ def measure(*, nodes=8, ranks_per_node=8, num_experts=256, top_k=8, max_nodes=4,
     row = {"dispatch": H + 4 * (H // 128) + 8 * k, "combine_flat": 2 * H, "combine_hier_fp32": 4 * H,
            "combine_hier_native": 2 * H}
     flat = dict(dispatch_inter_rows=0, dispatch_intra_rows=0, dispatch_inter_rows_per_token_max=0)
-    hier = dict(dispatch_inter_rows=0, dispatch_intra_rows=0, dispatch_inter_rows_per_token_max=0)
+    hier = dict(dispatch_inter_rows=0, dispatch_intra_rows=0, dispatch_inter_rows_per_token_max=0,
+                combine_inter_single_rows=0)
     routing = dict(max_nodes_per_token=0, nodes=0, ranks=0, remote_node_pairs=0, remote_rank_pairs=0)
     T = tokens_per_rank
     for s in range(W):
@@ -56,6 +57,8 @@ def measure(*, nodes=8, ranks_per_node=8, num_experts=256, top_k=8, max_nodes=4,
         tok_nodes = in_rank.view(T, N, R).any(2)
         tok_ranks = in_rank
         rn = tok_nodes[:, remote].sum(1)
+        # combine: a remote node's partial of a token that reached one of its ranks is one row (sent in bf16)
+        hier["combine_inter_single_rows"] += int((in_rank.view(T, N, R).sum(2)[:, remote] == 1).sum())
         rr = tok_ranks[:, ~on_node].sum(1)
         hier["dispatch_inter_rows_per_token_max"] = max(hier["dispatch_inter_rows_per_token_max"], int(rn.max()))
         flat["dispatch_inter_rows_per_token_max"] = max(flat["dispatch_inter_rows_per_token_max"], int(rr.max()))
@@ -76,7 +79,10 @@ def measure(*, nodes=8, ranks_per_node=8, num_experts=256, top_k=8, max_nodes=4,
     # combine sends every dispatched row back: same row counts, combine row sizes
     flat["combine_inter_bytes_per_token"] = flat["dispatch_inter_rows"] * row["combine_flat"] / tok
     flat["combine_intra_bytes_per_token"] = flat["dispatch_intra_rows"] * row["combine_flat"] / tok
-    hier["combine_inter_bytes_per_token_fp32"] = hier["dispatch_inter_rows"] * row["combine_hier_fp32"] / tok
+    one = hier["combine_inter_single_rows"]
+    hier["combine_inter_bytes_per_token_fp32"] = ((hier["dispatch_inter_rows"] - one) * row["combine_hier_fp32"] +
+                                                  one * row["combine_hier_native"]) / tok
+    hier["combine_inter_bytes_per_token_all_fp32"] = hier["dispatch_inter_rows"] * row["combine_hier_fp32"] / tok
     hier["combine_inter_bytes_per_token_native"] = hier["dispatch_inter_rows"] * row["combine_hier_native"] / tok
     hier["combine_intra_bytes_per_token"] = hier["dispatch_intra_rows"] * row["combine_flat"] / tok
     return {"config": dict(nodes=N, ranks_per_node=R, num_experts=E, top_k=k, max_nodes=max_nodes, n_group=n_group,
@@ -112,6 +118,11 @@ def main(argv=None) -> int:
             ("inter-node dispatch bytes, FP8 (mean)", f["dispatch_inter_bytes_per_token"], h["dispatch_inter_bytes_per_token"]),
             ("inter-node combine bytes, fp32 partials", f["combine_inter_bytes_per_token"], h["combine_inter_bytes_per_token_fp32"]),
             ("inter-node combine bytes, bf16 partials", f["combine_inter_bytes_per_token"], h["combine_inter_bytes_per_token_native"]),
+            ("  (fp32 partials all 4 B/elem: symm_mem)", f["combine_inter_bytes_per_token"], h["combine_inter_bytes_per_token_all_fp32"]),
+            ("inter-node dispatch+combine, fp32 part.", f["dispatch_inter_bytes_per_token"] + f["combine_inter_bytes_per_token"],
+             h["dispatch_inter_bytes_per_token"] + h["combine_inter_bytes_per_token_fp32"]),
+            ("inter-node dispatch+combine, bf16 part.", f["dispatch_inter_bytes_per_token"] + f["combine_inter_bytes_per_token"],
+             h["dispatch_inter_bytes_per_token"] + h["combine_inter_bytes_per_token_native"]),
             ("intra-node dispatch bytes, FP8 (mean)", f["dispatch_intra_bytes_per_token"], h["dispatch_intra_bytes_per_token"])]
     for name, a_, b_ in rows:
         print(f"{name:38s} {a_:12.1f} {b_:14.1f}")

@@ -127,8 +127,9 @@ class EPConfig:
     are node-major, ``ranks_per_node`` consecutive ranks per node (0: one node holds the whole group); the
     hierarchical backend routes by it, every backend's ``stats()`` classifies traffic by it.
     ``combine_partials`` (hierarchical): the dtype a node's partial sums cross nodes in ("fp32": the
-    accumulation dtype, combine equal to the flat backend's up to summation order; "native": the rows'
-    dtype, half the inter-node combine bytes for bf16 rows at one extra rounding per node partial).
+    accumulation dtype, combine equal to the flat backend's up to summation order; a partial of a single
+    16-bit row crosses as that row, losslessly; "native": the rows' dtype, half the inter-node combine bytes
+    for bf16 rows at one extra rounding per node partial).
     ``hop1`` (hierarchical): "collective" (all_to_all on the rail group: NCCL, gloo) or "symm_mem" (CUDA:
     torch symmetric memory's NVSHMEM ``all_to_all_vdev_2d``, buffers sized by ``max_tokens_per_rank``)."""
     world_size: int

@@ -24,7 +24,10 @@ Dispatch (source rank ``(n, l)``):
 Combine runs it backwards: the rows go back to their forwarder (node all_to_all), which sums the copies of
 each (source, token) row in local-rank order (fp32; fp64 for fp64 rows), the node partials go back once
 per node over the rail (in fp32 by default: ``combine_partials="fp32"``; or in the rows' dtype,
-``"native"``), and the source sums them in node order. Node-major rank order makes that the flat backend's
+``"native"``), and the source sums them in node order. With fp32 partials and 16-bit rows, a partial of ONE
+row (the token reached one rank of that node) crosses in the rows' dtype: it is that row, exactly, so the
+sums do not change, and both ends know which rows those are from the dispatch layout (``_mixed_partials``;
+not on the ``symm_mem`` rail, whose buffers hold fixed-width rows). Node-major rank order makes that the flat backend's
 sum in rank order, only associated per node: equal up to fp32 summation order, exactly equal when the sums
 are exact. Weight gradients (the dispatch backward) travel with the rows, masked by the receiver to its own
 slots: their sums are exact. The backward of combine is a dispatch of the gradient rows along the same
@@ -278,8 +281,12 @@ class HierarchicalTransport:
         slot_local = (send_idx >= 0) & (send_idx // L == dest.unsqueeze(1))
         handle = EPHandle(T, tok, in_rank.sum(0).tolist(), recv_counts, slot_local, k,
                           torch.bfloat16 if fp8 else xs.dtype)
+        # one rank of the destination node hosts the token's experts: that node's combine partial is one row
+        dest1 = torch.repeat_interleave(torch.arange(N, device=dev), send1)
+        single1 = in_rank.view(T, N, R).sum(2)[tok1, dest1] == 1
         handle.hier = {"tok1": tok1, "send1": send1.tolist(), "recv1": recv1, "row2": row2, "send2": send2,
-                       "recv2": recv2_tot, "perm": perm, "recv_local": local, "S1r": S1r}
+                       "recv2": recv2_tot, "perm": perm, "recv_local": local, "S1r": S1r, "single1": single1,
+                       "single_f": torch.bincount(row2, minlength=S1r) == 1}
         return handle, recv, ridx, rw, cnt
 
     def dispatch_rows(self, rows, handle):
@@ -323,16 +330,22 @@ class HierarchicalTransport:
             part.index_add_(0, h["row2"][sl], vals[sl].to(acc_t))
             start += c
         pdt = acc_t if self.buf.config.combine_partials == "fp32" else y.dtype
-        pb = as_bytes_rows(part.to(pdt))
+        pw = None
         if gw is not None:
             pw = torch.zeros(h["S1r"], k, dtype=torch.float32, device=dev)
             pw.index_add_(0, h["row2"], from_bytes(back2, yb, b.shape[1], torch.float32, k))  # disjoint slots: exact
-            pb = torch.cat([pb, as_bytes_rows(pw)], 1)
-        back1 = torch.empty(sum(h["send1"]), pb.shape[1], dtype=torch.uint8, device=dev)
-        self._rail(back1, pb, h["send1"], h["recv1"], what)
-        self._record(what, h["recv1"], h["recv2"], pb.shape[1], b.shape[1])
-        pyb = H * torch.empty((), dtype=pdt).element_size()
-        pv = from_bytes(back1, 0, pyb, pdt, H)
+        if pdt != y.dtype and self.symm is None:
+            pv, pwv = self._mixed_partials(part, pw, y.dtype, h, what, b.shape[1])
+        else:
+            pb = as_bytes_rows(part.to(pdt))
+            if pw is not None:
+                pb = torch.cat([pb, as_bytes_rows(pw)], 1)
+            back1 = torch.empty(sum(h["send1"]), pb.shape[1], dtype=torch.uint8, device=dev)
+            self._rail(back1, pb, h["send1"], h["recv1"], what)
+            self._record(what, h["recv1"], h["recv2"], pb.shape[1], b.shape[1])
+            pyb = H * torch.empty((), dtype=pdt).element_size()
+            pv = from_bytes(back1, 0, pyb, pdt, H)
+            pwv = from_bytes(back1, pyb, pb.shape[1], torch.float32, k) if pw is not None else None
         out = torch.zeros(handle.num_tokens, H, dtype=acc_t, device=dev)
         start = 0
         for c in h["send1"]:  # node order: with node-major ranks, the flat backend's rank order per node
@@ -343,5 +356,61 @@ class HierarchicalTransport:
         if gw is None:
             return out
         dw = torch.zeros(handle.num_tokens, k, dtype=torch.float32, device=dev)
-        dw.index_add_(0, h["tok1"], from_bytes(back1, pyb, pb.shape[1], torch.float32, k))
+        dw.index_add_(0, h["tok1"], pwv)
         return out, dw
+
+    def _mixed_partials(self, part, pw, row_dtype, h, what, w2):
+        """Hop 1 of combine with exact fp32 partials in fewer bytes: a partial of ONE row (the token reached one
+        rank of that node) is that row, exactly representable in the rows' dtype, so it crosses in it; real
+        sums cross in fp32. Both ends know which rows are which from the dispatch layout (no extra exchange):
+        per node, the single rows then the summed ones, as one byte stream. Returns the partials (fp32, in
+        the hop-1 send order) and the weight-gradient partials (or None)."""
+        dev, H = part.device, part.shape[1]
+        extra = 0 if pw is None else 4 * pw.shape[1]
+        w_one, w_sum = H * torch.empty((), dtype=row_dtype).element_size() + extra, 4 * H + extra
+
+        def rows(p, wv, dt):
+            r = as_bytes_rows(p.to(dt))
+            return torch.cat([r, as_bytes_rows(wv)], 1) if wv is not None else r
+
+        pieces, out_bytes = [], []
+        start = 0
+        for c in h["recv1"]:  # the forwarder's hop-1 rows, grouped by source node
+            sl = slice(start, start + c)
+            one = h["single_f"][sl]
+            p, wv = part[sl], (pw[sl] if pw is not None else None)
+            a = rows(p[one], wv[one] if wv is not None else None, row_dtype)
+            z = rows(p[~one], wv[~one] if wv is not None else None, torch.float32)
+            pieces += [a.reshape(-1), z.reshape(-1)]
+            out_bytes.append(a.numel() + z.numel())
+            start += c
+        single1 = h["single1"]
+        in_bytes, start = [], 0
+        for c in h["send1"]:
+            n1 = int(single1[start:start + c].sum())
+            in_bytes.append(n1 * w_one + (c - n1) * w_sum)
+            start += c
+        send = torch.cat(pieces).view(-1, 1)
+        back = torch.empty(sum(in_bytes), 1, dtype=torch.uint8, device=dev)
+        self._a2a(self.inter, back, send, in_bytes, out_bytes, what)
+        inter = sum(b for m, b in enumerate(out_bytes) if m != self.node)
+        inter_rows = sum(c for m, c in enumerate(h["recv1"]) if m != self.node)
+        intra_rows = sum(c for j, c in enumerate(h["recv2"]) if j != self.local)
+        self.buf._record(what, inter_rows, inter, intra_rows, intra_rows * w2)
+        S1 = single1.shape[0]
+        pv = torch.empty(S1, H, dtype=torch.float32, device=dev)
+        pwv = None if pw is None else torch.empty(S1, pw.shape[1], dtype=torch.float32, device=dev)
+        flat = back.view(-1)
+        pos, start = 0, 0
+        for c in h["send1"]:
+            sel = torch.arange(start, start + c, device=dev)
+            one = single1[start:start + c]
+            for mask, wdt, dt in ((one, w_one, row_dtype), (~one, w_sum, torch.float32)):
+                n = int(mask.sum())
+                r = flat[pos:pos + n * wdt].view(n, wdt)
+                pos += n * wdt
+                pv[sel[mask]] = from_bytes(r, 0, wdt - extra, dt, H).float()
+                if pwv is not None:
+                    pwv[sel[mask]] = from_bytes(r, wdt - extra, wdt, torch.float32, pw.shape[1])
+            start += c
+        return pv, pwv
