@@ -281,12 +281,21 @@ class HierarchicalTransport:
         slot_local = (send_idx >= 0) & (send_idx // L == dest.unsqueeze(1))
         handle = EPHandle(T, tok, in_rank.sum(0).tolist(), recv_counts, slot_local, k,
                           torch.bfloat16 if fp8 else xs.dtype)
-        # one rank of the destination node hosts the token's experts: that node's combine partial is one row
-        dest1 = torch.repeat_interleave(torch.arange(N, device=dev), send1)
-        single1 = in_rank.view(T, N, R).sum(2)[tok1, dest1] == 1
         handle.hier = {"tok1": tok1, "send1": send1.tolist(), "recv1": recv1, "row2": row2, "send2": send2,
-                       "recv2": recv2_tot, "perm": perm, "recv_local": local, "S1r": S1r, "single1": single1,
-                       "single_f": torch.bincount(row2, minlength=S1r) == 1}
+                       "recv2": recv2_tot, "perm": perm, "recv_local": local, "S1r": S1r}
+        if buf.config.combine_partials == "fp32" and self.symm is None and handle.dtype.itemsize < 4:
+            # the combine's single-row partials (see _mixed_partials), laid out here where the dispatch already
+            # synchronizes the host: the combine itself then needs no host synchronization
+            dest1 = torch.repeat_interleave(torch.arange(N, device=dev), send1)
+            src1 = torch.repeat_interleave(torch.arange(N, device=dev), torch.tensor(recv1, dtype=torch.int64,
+                                                                                     device=dev))
+            one_s = in_rank.view(T, N, R).sum(2)[tok1, dest1] == 1   # mine, per hop-1 row I sent
+            one_f = torch.bincount(row2, minlength=S1r) == 1            # as forwarder, per hop-1 row I received
+            cnt = torch.stack([torch.bincount(dest1[one_s], minlength=N), torch.bincount(src1[one_f], minlength=N)])
+            n_one_s, n_one_f = cnt.tolist()
+            handle.hier["mixed"] = {"one_s": one_s.nonzero().squeeze(1), "sum_s": (~one_s).nonzero().squeeze(1),
+                                    "one_f": one_f.nonzero().squeeze(1), "sum_f": (~one_f).nonzero().squeeze(1),
+                                    "n_one_s": n_one_s, "n_one_f": n_one_f}
         return handle, recv, ridx, rw, cnt
 
     def dispatch_rows(self, rows, handle):
@@ -334,7 +343,7 @@ class HierarchicalTransport:
         if gw is not None:
             pw = torch.zeros(h["S1r"], k, dtype=torch.float32, device=dev)
             pw.index_add_(0, h["row2"], from_bytes(back2, yb, b.shape[1], torch.float32, k))  # disjoint slots: exact
-        if pdt != y.dtype and self.symm is None:
+        if pdt != y.dtype and "mixed" in h:
             pv, pwv = self._mixed_partials(part, pw, y.dtype, h, what, b.shape[1])
         else:
             pb = as_bytes_rows(part.to(pdt))
@@ -365,31 +374,21 @@ class HierarchicalTransport:
         sums cross in fp32. Both ends know which rows are which from the dispatch layout (no extra exchange):
         per node, the single rows then the summed ones, as one byte stream. Returns the partials (fp32, in
         the hop-1 send order) and the weight-gradient partials (or None)."""
-        dev, H = part.device, part.shape[1]
+        mx, dev, H = h["mixed"], part.device, part.shape[1]
         extra = 0 if pw is None else 4 * pw.shape[1]
         w_one, w_sum = H * torch.empty((), dtype=row_dtype).element_size() + extra, 4 * H + extra
 
-        def rows(p, wv, dt):
-            r = as_bytes_rows(p.to(dt))
-            return torch.cat([r, as_bytes_rows(wv)], 1) if wv is not None else r
+        def rows(sel, dt):
+            r = as_bytes_rows(part[sel].to(dt))
+            return torch.cat([r, as_bytes_rows(pw[sel])], 1) if pw is not None else r
 
-        pieces, out_bytes = [], []
-        start = 0
-        for c in h["recv1"]:  # the forwarder's hop-1 rows, grouped by source node
-            sl = slice(start, start + c)
-            one = h["single_f"][sl]
-            p, wv = part[sl], (pw[sl] if pw is not None else None)
-            a = rows(p[one], wv[one] if wv is not None else None, row_dtype)
-            z = rows(p[~one], wv[~one] if wv is not None else None, torch.float32)
-            pieces += [a.reshape(-1), z.reshape(-1)]
-            out_bytes.append(a.numel() + z.numel())
-            start += c
-        single1 = h["single1"]
-        in_bytes, start = [], 0
-        for c in h["send1"]:
-            n1 = int(single1[start:start + c].sum())
-            in_bytes.append(n1 * w_one + (c - n1) * w_sum)
-            start += c
+        a, z = rows(mx["one_f"], row_dtype), rows(mx["sum_f"], torch.float32)
+        pieces, out_bytes, ia, iz = [], [], 0, 0
+        for c, n1 in zip(h["recv1"], mx["n_one_f"]):  # the forwarder's hop-1 rows, grouped by source node
+            pieces += [a[ia:ia + n1].reshape(-1), z[iz:iz + c - n1].reshape(-1)]
+            out_bytes.append(n1 * w_one + (c - n1) * w_sum)
+            ia, iz = ia + n1, iz + c - n1
+        in_bytes = [n1 * w_one + (c - n1) * w_sum for c, n1 in zip(h["send1"], mx["n_one_s"])]
         send = torch.cat(pieces).view(-1, 1)
         back = torch.empty(sum(in_bytes), 1, dtype=torch.uint8, device=dev)
         self._a2a(self.inter, back, send, in_bytes, out_bytes, what)
@@ -397,20 +396,21 @@ class HierarchicalTransport:
         inter_rows = sum(c for m, c in enumerate(h["recv1"]) if m != self.node)
         intra_rows = sum(c for j, c in enumerate(h["recv2"]) if j != self.local)
         self.buf._record(what, inter_rows, inter, intra_rows, intra_rows * w2)
-        S1 = single1.shape[0]
+        flat, pos, ga, gz = back.view(-1), 0, [], []
+        for c, n1 in zip(h["send1"], mx["n_one_s"]):
+            ga.append(flat[pos:pos + n1 * w_one])
+            pos += n1 * w_one
+            gz.append(flat[pos:pos + (c - n1) * w_sum])
+            pos += (c - n1) * w_sum
+        ra, rz = torch.cat(ga).view(-1, w_one), torch.cat(gz).view(-1, w_sum)
+        S1 = h["tok1"].shape[0]
         pv = torch.empty(S1, H, dtype=torch.float32, device=dev)
-        pwv = None if pw is None else torch.empty(S1, pw.shape[1], dtype=torch.float32, device=dev)
-        flat = back.view(-1)
-        pos, start = 0, 0
-        for c in h["send1"]:
-            sel = torch.arange(start, start + c, device=dev)
-            one = single1[start:start + c]
-            for mask, wdt, dt in ((one, w_one, row_dtype), (~one, w_sum, torch.float32)):
-                n = int(mask.sum())
-                r = flat[pos:pos + n * wdt].view(n, wdt)
-                pos += n * wdt
-                pv[sel[mask]] = from_bytes(r, 0, wdt - extra, dt, H).float()
-                if pwv is not None:
-                    pwv[sel[mask]] = from_bytes(r, wdt - extra, wdt, torch.float32, pw.shape[1])
-            start += c
+        pv[mx["one_s"]] = from_bytes(ra, 0, w_one - extra, row_dtype, H).float()
+        pv[mx["sum_s"]] = from_bytes(rz, 0, w_sum - extra, torch.float32, H)
+        if pw is None:
+            return pv, None
+        k = pw.shape[1]
+        pwv = torch.empty(S1, k, dtype=torch.float32, device=dev)
+        pwv[mx["one_s"]] = from_bytes(ra, w_one - extra, w_one, torch.float32, k)
+        pwv[mx["sum_s"]] = from_bytes(rz, w_sum - extra, w_sum, torch.float32, k)
         return pv, pwv
