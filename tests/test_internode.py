@@ -398,7 +398,7 @@ def test_hierarchical_matches_flat(world, R):
             p.join(timeout=20)
             if p.is_alive():
                 p.kill()
-    assert res == {r: "ok" for r in range(world)}, res
+    assert res == {r: "ok" for r in range(world)}, (f"base={base}", res)  # base: rerun these inputs
 
 
 def test_hierarchical_config_validation(monkeypatch):
