@@ -390,3 +390,80 @@ def test_dsmoe_rl_refuses_an_out_file_and_from_with_sft_steps(capsys, tmp_path):
     assert main(["rl", "--preset", "micro", "--from", str(ck), "--sft-steps", "3", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--sft-steps: the warm start is skipped with --from" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what one trainer step feeds the loss
+
+def test_completion_logprobs_align_with_the_engine_and_check_arguments():
+    """The sampler's own per-token log-probabilities (the engine's decode path, temperature 1) are what the
+    training forward assigns to the same tokens: a shift by one position would give unrelated numbers."""
+    from dsmoe.serve import LLM, SamplingParams
+
+    model = _micro(seed=4, fp8=False).eval()
+    eng = LLM(model, max_num_seqs=4, enable_prefix_caching=False, seed=0)
+    prompts = [[0, 3, 4], [0, 5, 6, 7, 8], [2]]
+    outs = eng.generate(prompts, [SamplingParams(max_tokens=6, temperature=1.0, seed=s, logprobs=0, ignore_eos=True)
+                                  for s in (1, 2, 3)])
+    comps = [o.outputs[0].token_ids for o in outs]
+    want = [[e[0] for e in o.outputs[0].logprobs] for o in outs]
+    with torch.no_grad():
+        lp, mask = completion_logprobs(model, prompts, comps)
+    for i, c in enumerate(comps):
+        assert len(c) == 6 and mask[i].all()
+        torch.testing.assert_close(lp[i].double(), torch.tensor(want[i], dtype=torch.float64), rtol=0, atol=3e-2)
+    with pytest.raises(ValueError, match="'prompt_ids' must hold non-empty prompts, got an empty prompt at index 1"):
+        completion_logprobs(model, [[0], []], [[1], [2]])
+    with pytest.raises(ValueError, match=r"'completion_ids' must have one completion per prompt \(2\), got 1"):
+        completion_logprobs(model, [[0], [1]], [[1]])
+    with pytest.raises(ValueError, match=r"'width' must be an int >= the longest completion \(2\), got 1"):
+        completion_logprobs(model, [[0]], [[1, 2]], width=1)
+
+
+def test_step_fixes_old_and_reference_logprobs_once_per_rollout(monkeypatch):
+    """num_iterations > 1: the old log-probabilities are those of the sampling weights, computed once before the
+    first update (so the first ratio is 1 and later ones move); the reference is the frozen starting model; the
+    sampling temperature is the one the log-probabilities use; the expert bias moves every optimizer step."""
+    import copy
+
+    import dsmoe.rl.trainer as T
+
+    model = _micro(seed=3)
+    start = copy.deepcopy(model).eval()
+    reward = lambda p, c: float(sum(t == 5 for t in c))   # noqa: E731
+    tr = GRPOTrainer(model, reward, group_size=4, max_tokens=4, beta=0.1, lr=1e-2, num_iterations=3, seed=1,
+                     temperature=0.7, stop_token_ids=None)
+    calls, rollouts = [], []
+    real_loss, real_rollout = T.grpo_loss, tr.rollout
+
+    def spy_loss(lp, old, ref, adv, mask, **kw):
+        out = real_loss(lp, old, ref, adv, mask, **kw)
+        calls.append((lp.detach().clone(), old.clone(), ref.clone(), adv.clone(), mask.clone(), out[1]))
+        return out
+
+    def spy_rollout(*a, **kw):
+        ro = real_rollout(*a, **kw)
+        rollouts.append(ro)
+        return ro
+
+    monkeypatch.setattr(T, "grpo_loss", spy_loss)
+    monkeypatch.setattr(tr, "rollout", spy_rollout)
+    biases = [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()]
+    ref_params = [p.detach().clone() for p in tr.ref_model.parameters()]
+    tr.step([[0, 3, 4], [0, 6]])
+    assert len(calls) == 3 and len(rollouts) == 1
+    ro = rollouts[0]
+    assert ro.rewards.std() > 0          # seeded: the rollout has a reward signal, so the policy moves
+    with torch.no_grad():
+        want, mask = completion_logprobs(start, ro.prompt_ids, ro.completion_ids, temperature=0.7)
+    for lp, old, ref, adv, m, _ in calls:
+        assert torch.equal(m, mask)
+        torch.testing.assert_close(old, want, rtol=0, atol=1e-5)           # the sampling weights, at T = 0.7
+        torch.testing.assert_close(ref, want, rtol=0, atol=1e-5)           # the frozen start
+        torch.testing.assert_close(adv, group_advantages(ro.rewards, 4))
+    torch.testing.assert_close(calls[0][0], calls[0][1], rtol=0, atol=1e-5)
+    assert calls[0][5]["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and calls[0][5]["clip_fraction"] == 0.0
+    assert (calls[2][0] - calls[2][1])[mask].abs().max() > 1e-3             # the policy moved off the sampler
+    assert all(torch.equal(a, b) for a, b in zip(ref_params, tr.ref_model.parameters()))
+    assert not any(p.requires_grad for p in tr.ref_model.parameters())
+    assert any(not torch.equal(b, m.gate.e_score_correction_bias) for b, m in zip(biases, model.moe_layers()))

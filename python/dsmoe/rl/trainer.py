@@ -45,7 +45,19 @@ def completion_logprobs(model, prompt_ids, completion_ids, *, temperature: float
     (causal attention: padding after a row's end changes none of its logits). Logits are divided by
     ``temperature``, the distribution the sampler drew from."""
     N = len(prompt_ids)
-    W = max((len(c) for c in completion_ids), default=0) if width is None else width
+    if len(completion_ids) != N:
+        raise ValueError(f"completion_logprobs: argument 'completion_ids' must have one completion per prompt "
+                         f"({N}), got {len(completion_ids)}")
+    empty = [i for i, p in enumerate(prompt_ids) if len(p) == 0]
+    if empty:
+        # the first completion token needs the logits of a prompt position: without one it has no prediction
+        raise ValueError(f"completion_logprobs: argument 'prompt_ids' must hold non-empty prompts, got an empty "
+                         f"prompt at index {empty[0]}")
+    longest = max((len(c) for c in completion_ids), default=0)
+    W = longest if width is None else width
+    if not _is_int(W) or W < longest:
+        raise ValueError(f"completion_logprobs: argument 'width' must be an int >= the longest completion "
+                         f"({longest}), got {width!r}")
     dev = model.lm_head.weight.device
     if N == 0 or W == 0:
         return torch.zeros(N, W, device=dev), torch.zeros(N, W, dtype=torch.bool, device=dev)
