@@ -337,6 +337,7 @@ def test_dsmoe_rl_cli_micro_end_to_end(tmp_path, capsys):
     for k in ("reward_before", "reward_after", "reward_before_greedy", "reward_after_greedy"):
         assert 0.0 <= s[k] <= 1.0
     assert s["history"][0]["kl"] is not None
+    assert s["train_prompts_distinct"] >= 1 and s["train_prompts_held_out_overlap"] == 0
     assert (out / "reward.png").stat().st_size > 1000
     ck = out / "checkpoint"
     assert (ck / "config.json").exists() and (ck / "dsmoe_task.json").exists() and (ck / "tokenizer.json").exists()
@@ -467,3 +468,20 @@ def test_step_fixes_old_and_reference_logprobs_once_per_rollout(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(ref_params, tr.ref_model.parameters()))
     assert not any(p.requires_grad for p in tr.ref_model.parameters())
     assert any(not torch.equal(b, m.gate.e_score_correction_bias) for b, m in zip(biases, model.moe_layers()))
+
+
+def test_demo_training_prompts_never_include_held_out_ones():
+    from dsmoe.data import PermutedCopyTask
+    from dsmoe.rl.demo import _prompts
+
+    task = PermutedCopyTask(num_symbols=2, length=3, seed=0)          # 8 distinct prompts in all
+    held = _prompts(task, 6, torch.Generator().manual_seed(0))
+    held_set = {tuple(p) for p in held}
+    assert 1 < len(held_set) < 8
+    got = _prompts(task, 50, torch.Generator().manual_seed(1), exclude=held_set)
+    assert len(got) == 50 and all(len(p) == task.prompt_len() for p in got)
+    assert not {tuple(p) for p in got} & held_set
+    everything = {tuple(p) for p in _prompts(task, 400, torch.Generator().manual_seed(2))}
+    assert len(everything) == 8
+    with pytest.raises(ValueError, match="held-out prompts cover all 2\\^3 sources"):
+        _prompts(task, 1, torch.Generator().manual_seed(3), exclude=everything)

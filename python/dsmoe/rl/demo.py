@@ -47,8 +47,17 @@ def exact_answer_reward(task):
     return exact_answer
 
 
-def _prompts(task, n, gen):
-    return [s[: task.prompt_len()].tolist() for s in task.sample(n, gen)]
+def _prompts(task, n, gen, exclude=None):
+    """``n`` prompts of ``task``; none of them in ``exclude`` (a set of tuples), so that a held-out prompt never
+    reaches training even where the task has few distinct sources (the micro preset: 8^4)."""
+    if exclude and len(exclude) >= task.num_symbols ** task.length:
+        raise ValueError(f"the {len(exclude)} held-out prompts cover all {task.num_symbols}^{task.length} sources of "
+                         f"the task: none is left to train on (fewer --eval-prompts)")
+    out = []
+    while len(out) < n:
+        out += [p for p in (s[: task.prompt_len()].tolist() for s in task.sample(n - len(out), gen))
+                if exclude is None or tuple(p) not in exclude]
+    return out
 
 
 def _load_task(path, preset, seed):
@@ -98,8 +107,13 @@ def run_demo(preset="tiny", *, from_checkpoint=None, sft_steps=None, steps=None,
                      num_iterations=num_iterations, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
                      scale_rewards=scale_rewards, max_tokens=task.length + 1, seed=seed,
                      max_num_seqs=max(P["prompts"] * P["group_size"], P["eval_prompts"] * P["eval_samples"]))
-    # held-out prompts from their own generator; training prompts from another (2^60 possible sources)
+    # held-out prompts from their own generator; training prompts from another, the held-out ones excluded
     held = _prompts(task, P["eval_prompts"], torch.Generator().manual_seed(10_000 + seed))
+    held_set = {tuple(p) for p in held}
+    if len(held_set) >= task.num_symbols ** task.length:
+        from .._cli import CLIError
+        raise CLIError(f"--eval-prompts {P['eval_prompts']}: the held-out prompts cover all {task.num_symbols}^"
+                       f"{task.length} sources of the task, none is left to train on")
     gen = torch.Generator().manual_seed(20_000 + seed)
 
     def evaluate():
@@ -107,7 +121,13 @@ def run_demo(preset="tiny", *, from_checkpoint=None, sft_steps=None, steps=None,
                 tr.evaluate(held, n=1, temperature=0.0))
     before, before_greedy = evaluate()
     t1 = time.time()
-    hist = tr.train(lambda i: _prompts(task, P["prompts"], gen), P["steps"], progress=progress,
+    seen = set()
+
+    def train_prompts(i):
+        ps = _prompts(task, P["prompts"], gen, exclude=held_set)
+        seen.update(tuple(p) for p in ps)
+        return ps
+    hist = tr.train(train_prompts, P["steps"], progress=progress,
                     desc=f"grpo {preset} ({'fp8' if fp8 else 'bf16'})")
     rl_s = time.time() - t1
     after, after_greedy = evaluate()
@@ -120,6 +140,7 @@ def run_demo(preset="tiny", *, from_checkpoint=None, sft_steps=None, steps=None,
                         "seed": task.seed},
                "reward": "exact_answer (1 if the completion is the permuted source then EOS, else 0)",
                "eval_prompts": P["eval_prompts"], "eval_samples_per_prompt": P["eval_samples"],
+               "train_prompts_distinct": len(seen), "train_prompts_held_out_overlap": len(seen & held_set),
                "reward_before": before, "reward_after": after,
                "reward_before_greedy": before_greedy, "reward_after_greedy": after_greedy,
                "sft_s": round(sft_s, 1), "rl_s": round(rl_s, 1), "history": hist}
