@@ -248,7 +248,12 @@ def _worker(rank, world, port, cases):
         for sched, kind in cases:
             _check_case(sched, kind, world, rank)
             dist.barrier()
+        _check_original_api(rank, world)
+        dist.barrier()
         if world == 2:
+            solo = dist.new_group([0])       # the original's examples run DualPipeV down to one rank
+            if rank == 0:
+                _check_original_api(0, 1, solo)
             _check_errors(rank)
             _check_train(rank)
         if world == 4:
@@ -489,3 +494,283 @@ def test_train_cli_pipeline_errors(monkeypatch, tmp_path, capsys):
     assert main(["--preset", "micro", "--out", out, "--pp", "2"]) == 2
     assert "needs 2 processes, torchrun started 3" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the original's API, as its examples use it
+class _OrigLinearFn(torch.autograd.Function):
+    """The weight gradient as the original's example defers it: ``weight.grad`` pre-created, ``+=`` later."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        from dsmoe.parallel.pipeline import WeightGradStore
+        x, weight = ctx.saved_tensors
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+
+        def grad_weight_fn():
+            weight.grad += g.flatten(0, -2).T @ x.flatten(0, -2)
+
+        if WeightGradStore.enabled:
+            _OrigStage.deferred += 1
+            WeightGradStore.put(grad_weight_fn)
+        else:
+            grad_weight_fn()
+        return g @ weight, None
+
+
+class _OrigLinear(nn.Linear):
+    def forward(self, x):
+        return _OrigLinearFn.apply(x, self.weight)
+
+
+class _OrigStage(nn.Module):
+    """The original example's stage: two bias-free linears through WeightGradStore, and the classmethod
+    hook with its exact signature, calling run_backward on the gradients it is handed."""
+    hooks = 0
+    deferred = 0
+
+    def __init__(self, h):
+        super().__init__()
+        self.linear1 = _OrigLinear(h, 2 * h, bias=False, dtype=torch.float64)
+        self.linear2 = _OrigLinear(2 * h, h, bias=False, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.linear2(F.gelu(self.linear1(x)))
+
+    @classmethod
+    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
+                                    output_grads1):
+        from dsmoe.parallel.pipeline import run_backward
+        cls.hooks += 1
+        outputs0 = module0(*inputs0)
+        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
+        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+        if loss1 is not None:
+            loss1.backward()
+            loss1.detach_()
+        else:
+            run_backward(outputs1, output_grads1)
+        return outputs0, loss0
+
+
+def _orig_criterion(output, target):
+    return F.mse_loss(output, target).clone()
+
+
+def _check_original_api(rank, pp, group=None):
+    """Drives DualPipe and DualPipeV line by line as deepseek-ai/DualPipe's examples do (construction from
+    an nn.Sequential pair, None inputs/labels on the ranks without a first stage, the module-level p2p
+    settings, step's keyword forms, zero_grad) and checks what each rank gets back: the chunk losses on
+    the loss ranks and None elsewhere, outputs None unless asked, gradients of every stage."""
+    from dsmoe.parallel import pipeline as P
+    chunks_v = 2 * pp + 1                        # DualPipeV takes an odd count, DualPipe needs an even one
+    for sched, nstages, num_chunks in (("dualpipe", pp, 2 * pp + 2), ("dualpipev", 2 * pp, chunks_v)):
+        if sched == "dualpipe" and pp % 2:
+            continue
+        torch.manual_seed(233)
+        mb, seq, h = 3, 5, 8
+        P.set_p2p_tensor_shapes([(mb, seq, h)])
+        P.set_p2p_tensor_dtype(torch.float64)
+        full = nn.Sequential(*[_OrigStage(h) for _ in range(nstages)])
+        full_x = torch.randn(num_chunks * mb, seq, h, dtype=torch.float64)
+        full_l = torch.randn(num_chunks * mb, seq, h, dtype=torch.float64)
+        ys, ls = [], []
+        for mx, ml in zip(full_x.chunk(num_chunks), full_l.chunk(num_chunks)):
+            y = full(mx)
+            loss = _orig_criterion(y, ml)
+            loss.backward()
+            ys.append(y.detach())
+            ls.append(loss.detach())
+        loss_ref, out_ref = torch.stack(ls), torch.cat(ys)
+        other = pp - 1 - rank if sched == "dualpipe" else 2 * pp - 1 - rank
+        local_full = nn.Sequential(full[rank], full[other])
+        local = nn.Sequential(_OrigStage(h), _OrigStage(h))
+        local[0].load_state_dict(local_full[0].state_dict())
+        local[1].load_state_dict(local_full[1].state_dict())
+        model = (P.DualPipe if sched == "dualpipe" else P.DualPipeV)(local, process_group=group)
+        assert model.overlapped_forward_backward is True
+        first, last = rank == 0, rank == pp - 1
+        if sched == "dualpipe":
+            x = full_x.chunk(2)[0] if first else full_x.chunk(2)[1] if last else None
+            l = full_l.chunk(2)[1] if first else full_l.chunk(2)[0] if last else None
+            want = loss_ref.chunk(2)[1] if first else loss_ref.chunk(2)[0] if last else None
+            want_out = out_ref.chunk(2)[1] if first else out_ref.chunk(2)[0] if last else None
+        else:
+            x, l = (full_x, full_l) if first else (None, None)
+            want, want_out = (loss_ref, out_ref) if first else (None, None)
+        hooks0, deferred0 = _OrigStage.hooks, _OrigStage.deferred
+        loss, outputs = model.step(x, num_chunks=num_chunks, criterion=_orig_criterion, labels=(l,),
+                                   return_outputs=False)
+        where = (sched, pp, rank)
+        assert outputs is None, where
+        if want is None:
+            assert loss is None, where
+        else:
+            assert loss.shape == want.shape and torch.equal(loss, want), where
+        assert _OrigStage.hooks > hooks0 and _OrigStage.deferred > deferred0, where
+        if sched == "dualpipe":        # the example's mirror exchange: each stage's two copies summed
+            for p0, p1 in zip(local[0].parameters(), local[1].parameters()):
+                p0all = [torch.empty_like(p0) for _ in range(pp)]     # (gloo has no stacked all-gather)
+                p1all = [torch.empty_like(p1) for _ in range(pp)]
+                dist.all_gather(p0all, p0.grad, group=group)
+                dist.all_gather(p1all, p1.grad, group=group)
+                p0.grad += p1all[pp - 1 - rank]
+                p1.grad += p0all[pp - 1 - rank]
+        for (n, p), p_ref in zip(local.named_parameters(), local_full.parameters()):
+            assert _cos_diff(p.grad, p_ref.grad) < 1e-13, (where, n)
+        model.zero_grad()
+        with torch.no_grad():
+            loss, outputs = model.step(x, num_chunks=num_chunks, criterion=_orig_criterion, labels=(l,),
+                                       return_outputs=True)
+        if want is None:
+            assert loss is None and outputs is None, where
+        else:
+            assert torch.equal(loss, want) and torch.equal(outputs, want_out), where
+        # no criterion in a forward-only step: no loss, outputs still returned
+        with torch.no_grad():
+            loss, outputs = model.step(x, num_chunks=num_chunks, return_outputs=True)
+        assert loss is None and (outputs is None) == (want is None), where
+        if want is not None:
+            assert torch.equal(outputs, want_out), where
+
+
+def test_weight_grad_store_api_matches_the_original():
+    """The class-level API the original's users call: enabled, cache, funcs_queue (a FIFO of groups),
+    put, flush, pop, clear."""
+    import queue
+
+    from dsmoe.parallel.pipeline import WeightGradStore as W
+    W.clear()
+    assert W.enabled is False and W.cache == [] and isinstance(W.funcs_queue, queue.Queue) and W.funcs_queue.empty()
+    ran = []
+    W.put(lambda: ran.append(1))
+    W.put(lambda: ran.append(2))
+    assert len(W.cache) == 2
+    W.flush()
+    W.put(lambda: ran.append(3))
+    W.flush()
+    assert W.cache == [] and W.funcs_queue.qsize() == 2
+    W.pop()
+    assert ran == [1, 2]
+    W.pop()
+    assert ran == [1, 2, 3] and W.funcs_queue.empty()
+    W.put(lambda: ran.append(4))
+    W.flush()
+    W.clear()
+    assert W.cache == [] and W.funcs_queue.empty() and ran == [1, 2, 3]
+    with pytest.raises(RuntimeError):
+        W.pop()
+    import inspect
+
+    from dsmoe.parallel.pipeline import DualPipe, DualPipeV
+    from dsmoe.parallel.pipeline.v3 import DecoderStage
+    for cls in (DualPipe, DualPipeV):
+        sig = inspect.signature(cls.__init__)
+        assert list(sig.parameters)[:5] == ["self", "modules", "batch_dim", "process_group", "rank_mapping"]
+        assert sig.parameters["batch_dim"].default == 0
+        st = inspect.signature(cls.step)
+        assert [(n, p.default) for n, p in st.parameters.items() if n not in ("self", "inputs")] == \
+            [("num_chunks", 0), ("criterion", None), ("labels", ()), ("return_outputs", False)]
+    hook = inspect.signature(DecoderStage.overlapped_forward_backward)
+    assert list(hook.parameters) == ["module0", "inputs0", "criterion0", "labels0", "module1", "loss1", "outputs1",
+                                     "output_grads1"]
+
+
+# ----------------------------------------------------------------------------- failures: every rank errors, bounded
+class _FailingStage(nn.Module):
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.lin = nn.Linear(H, H, dtype=torch.float64)
+        self.fail_after, self.calls = fail_after, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("stage exploded")
+        return self.lin(x)
+
+
+def _failure_worker(rank, world, port, results):
+    import time
+
+    from dsmoe.parallel.pipeline import DualPipeV, PipelineTimeoutError, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+    torch.set_num_threads(1)
+    # the group's own timeout is long: what bounds the failures below is the pipeline's
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    out = []
+    try:
+        chunks = 2 * world
+        x = torch.randn(chunks * MB, T_SEQ, H, dtype=torch.float64)
+        args = dict(criterion=_criterion, labels=(x,)) if rank == 0 else {}
+        inp = (x,) if rank == 0 else ()
+        shapes = [(MB, T_SEQ, H)]
+        set_p2p_tensor_shapes(shapes)
+        set_p2p_tensor_dtype(torch.float64)
+        pipe = DualPipeV((_FailingStage(), _FailingStage()), timeout=3)
+
+        def outcome(fn):
+            t0 = time.monotonic()
+            try:
+                fn()
+                return ("ok", "", time.monotonic() - t0)
+            except Exception as e:  # noqa: BLE001
+                return (type(e).__name__, str(e), time.monotonic() - t0)
+
+        # disagreements and one-rank argument errors: every rank raises, the group stays usable
+        out.append(outcome(lambda: pipe.step(*inp, num_chunks=chunks + (rank == world - 1), **args)))
+        set_p2p_tensor_shapes([(MB, T_SEQ, H + (rank == 1))])
+        out.append(outcome(lambda: pipe.step(*inp, num_chunks=chunks, **args)))
+        set_p2p_tensor_shapes(shapes)
+        if rank == 0:
+            out.append(outcome(lambda: pipe.step(*inp, num_chunks=chunks, labels=(x,))))   # no criterion
+        else:
+            out.append(outcome(lambda: pipe.step(*inp, num_chunks=chunks, **args)))
+        with torch.set_grad_enabled(rank != 1):
+            out.append(outcome(lambda: pipe.step(*inp, num_chunks=chunks, **args)))
+        out.append(outcome(lambda: pipe.step(*inp, num_chunks=chunks, **args)))            # still works
+        # a stage that raises mid-step on the last rank (alive, not dead): every rank errors within the
+        # pipeline's timeout, and the failed pipeline refuses further steps at once
+        g = dist.new_group(list(range(world)))
+        bad = DualPipeV((_FailingStage(1 if rank == world - 1 else None), _FailingStage()), process_group=g,
+                        timeout=3)
+        out.append(outcome(lambda: bad.step(*inp, num_chunks=chunks, **args)))
+        out.append(outcome(lambda: bad.step(*inp, num_chunks=chunks, **args)))
+        results[rank] = out
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+def test_pipeline_failures_raise_on_every_rank_within_the_timeout():
+    world = 3
+    with mp.Manager() as mgr:
+        results = mgr.dict()
+        mp.spawn(_failure_worker, args=(world, _free_port(), results), nprocs=world, join=True)
+        res = dict(results)
+    assert sorted(res) == list(range(world))
+    for r in range(world):
+        nc, shp, arg, mode, ok, mid, after = res[r]
+        assert nc[0] == "ValueError" and "num_chunks: rank 0 = 6, rank 1 = 6, rank 2 = 7" in nc[1], (r, nc)
+        assert shp[0] == "ValueError" and "p2p shapes" in shp[1], (r, shp)
+        if r == 0:
+            assert arg[0] == "ValueError" and "criterion" in arg[1], arg
+        else:
+            assert arg[0] == "ValueError" and "rank(s) [0] rejected" in arg[1], (r, arg)
+        assert mode[0] == "ValueError" and "grad mode" in mode[1] and "rank 1 = no_grad" in mode[1], (r, mode)
+        assert ok[0] == "ok", (r, ok)
+        if r == world - 1:
+            assert mid[0] == "RuntimeError" and "stage exploded" in mid[1], mid
+        else:
+            assert mid[0] == "PipelineTimeoutError" and "pipeline rank" in mid[1], (r, mid)
+        # bounded by the pipeline's 3 s (a rank waits on a peer that itself waits: a few timeouts at most),
+        # far below the group's 300 s
+        assert mid[2] < 60, (r, mid)
+        assert after[0] == "PipelineTimeoutError" and "earlier step" in after[1] and after[2] < 5, (r, after)

@@ -44,7 +44,6 @@ Collective discipline (see docs/moe.md, "Failure semantics"):
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import os
 import sys
@@ -55,7 +54,7 @@ import torch.distributed as dist
 from .. import _checks as C
 from .. import _native
 from .common import BACKENDS, CALL_FIELDS, COMBINE_PARTIALS, HOP1, EPConfig, EPHandle, EPTimeoutError, as_bytes_rows, \
-    disagreement, dtype_code, dtype_name, from_bytes, get_dispatch_layout
+    as_timedelta, disagreement, dtype_code, dtype_name, from_bytes, get_dispatch_layout, group_timeout
 from .hierarchical import HierarchicalTransport
 from .nvlink import NVLinkTransport
 
@@ -83,30 +82,6 @@ def _eager_only(fn):
         return disabled[0](*args, **kwargs)
 
     return call
-
-
-def group_timeout(group) -> datetime.timedelta:
-    """The timeout the process group was created with (its backend's options), or torch's default."""
-    for dev in ("cpu", "cuda"):
-        try:
-            t = group._get_backend(torch.device(dev)).options._timeout
-        except Exception:  # noqa: BLE001 - private API: any failure falls back to the default
-            continue
-        if isinstance(t, datetime.timedelta) and t.total_seconds() > 0:
-            return t
-    return dist.default_pg_timeout
-
-
-def _as_timedelta(t) -> datetime.timedelta:
-    if isinstance(t, datetime.timedelta):
-        td = t
-    elif isinstance(t, (int, float)) and not isinstance(t, bool):
-        td = datetime.timedelta(seconds=float(t))
-    else:
-        raise TypeError(f"dsmoe.EPBuffer: argument 'timeout' must be seconds or a datetime.timedelta, got {t!r}")
-    if not td.total_seconds() > 0:
-        raise ValueError(f"dsmoe.EPBuffer: argument 'timeout' must be positive, got {t!r}")
-    return td
 
 
 _as_bytes_rows = as_bytes_rows
@@ -151,7 +126,7 @@ class EPBuffer:
         self.backend = backend
         self.graph_safe = graph_safe
         # every wait (collective work, nvlink wait kernel) is bounded by this; the group's own by default
-        self.timeout = group_timeout(group) if timeout is None else _as_timedelta(timeout)
+        self.timeout = group_timeout(group) if timeout is None else as_timedelta(timeout)
         self._failed: str | None = None
         self._handshake_done = False
         # NOTE: dispatch/combine take this leaf as an extra input so that their backward nodes exist (and

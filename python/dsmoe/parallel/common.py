@@ -3,15 +3,17 @@ byte-row packing and the nvlink memory layout. ``buffer.py``, ``nvlink.py`` and 
 from here (never from each other's private parts), so the package has no import circle."""
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from .. import _checks as C
 
 __all__ = ["EPConfig", "EPHandle", "EPTimeoutError", "get_dispatch_layout", "NVLinkLayout", "al16", "BACKENDS",
            "dtype_code", "dtype_name", "disagreement", "CALL_FIELDS", "as_bytes_rows", "from_bytes",
-           "COMBINE_PARTIALS", "HOP1"]
+           "COMBINE_PARTIALS", "HOP1", "group_timeout", "as_timedelta", "wait_within"]
 
 BACKENDS = ("collective", "nvlink", "hierarchical")
 CALL_FIELDS = ("dtype", "top_k", "fp8")  # what every dispatch's count exchange carries (the call signature)
@@ -36,6 +38,44 @@ def from_bytes(rows: torch.Tensor, lo: int, hi: int, dtype: torch.dtype, *shape)
 
 class EPTimeoutError(RuntimeError):
     """A collective of the EP buffer failed or timed out (a peer died, or never joined)."""
+
+
+def group_timeout(group) -> datetime.timedelta:
+    """The timeout the process group was created with (its backend's options), or torch's default."""
+    for dev in ("cpu", "cuda"):
+        try:
+            t = group._get_backend(torch.device(dev)).options._timeout
+        except Exception:  # noqa: BLE001 - private API: any failure falls back to the default
+            continue
+        if isinstance(t, datetime.timedelta) and t.total_seconds() > 0:
+            return t
+    return dist.default_pg_timeout
+
+
+def as_timedelta(t, who: str = "dsmoe.EPBuffer") -> datetime.timedelta:
+    """``timeout`` argument (seconds or a timedelta) -> a positive timedelta; errors name ``who``."""
+    if isinstance(t, datetime.timedelta):
+        td = t
+    elif isinstance(t, (int, float)) and not isinstance(t, bool):
+        td = datetime.timedelta(seconds=float(t))
+    else:
+        raise TypeError(f"{who}: argument 'timeout' must be seconds or a datetime.timedelta, got {t!r}")
+    if not td.total_seconds() > 0:
+        raise ValueError(f"{who}: argument 'timeout' must be positive, got {t!r}")
+    return td
+
+
+def wait_within(work, timeout: datetime.timedelta, error: type, what: str) -> None:
+    """Waits for an async collective or p2p ``work`` at most ``timeout``; a failure (a peer that died, or
+    raised and never sent) or the timeout raises ``error`` naming ``what``. NOTE: a plain ``work.wait()``
+    would block until the process group's own timeout (30 min by default), or forever on some backends."""
+    try:
+        ok = work.wait(timeout)
+    except Exception as e:  # noqa: BLE001 - every backend raises its own type
+        raise error(f"{what}: failed or timed out after {timeout} (a peer died, raised, diverged or did not "
+                    f"call): {e}") from e
+    if ok is False:
+        raise error(f"{what}: did not complete within {timeout}")
 
 
 # dtype codes for the agreement checks (every float dtype a payload may have)

@@ -9,6 +9,13 @@ ops ahead of the op that needs them. Each message carries a tag built from (dire
 so on gloo the order in which peers post them does not matter. NCCL ignores tags: there the executor
 relies on every channel (a pair of ranks and a direction) carrying its messages in chunk order, which
 the programs guarantee per (kind, path); this path has not been run on GPUs here.
+
+Failures: every step starts with a handshake (one small all-gather over the pipeline group) on the
+schedule, the rank layout, ``num_chunks``, the p2p shapes/dtype and the grad mode, and on whether each
+rank's own argument checks passed: a disagreement, or a bad argument on any rank, raises on every rank
+before any transfer. Every transfer is waited at most ``timeout`` (the process group's by default): a
+peer that raises mid-step, dies or stops raises :class:`PipelineTimeoutError` on the ranks waiting for
+it within that time, and the failed pipeline refuses further steps (its group holds unmatched transfers).
 """
 from __future__ import annotations
 
@@ -20,13 +27,31 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..common import as_timedelta, disagreement, dtype_code, dtype_name, group_timeout, wait_within
 from .schedule import PROGRAMS, Op, Topology
 
-__all__ = ["WeightGradStore", "set_p2p_tensor_shapes", "set_p2p_tensor_dtype", "run_backward", "scatter", "gather",
+__all__ = ["PipelineTimeoutError", "WeightGradStore", "set_p2p_tensor_shapes", "set_p2p_tensor_dtype", "run_backward", "scatter", "gather",
            "PipelineSchedule"]
 
 _P2P = {"shapes": None, "dtype": None}
 _LOOKAHEAD = 2   # ops whose receives are posted before the current op runs
+
+
+class PipelineTimeoutError(RuntimeError):
+    """A pipeline transfer failed or timed out: a peer raised, died, or runs a different step."""
+
+
+_KINDS = ("1f1b", "dualpipe", "dualpipev")
+_HS_MAGIC = 0x5050_4950   # tells a pipeline handshake from another collective a diverged peer may be in
+_HS_FIELDS = ("handshake", "schedule", "pipeline size", "rank layout", "num_chunks", "p2p dtype", "p2p shapes",
+              "grad mode", "batch_dim")
+
+
+def _digest(values) -> int:
+    h = 0
+    for v in values:
+        h = (h * 1000003 + int(v) + 1) % (1 << 61)
+    return h
 
 
 def set_p2p_tensor_shapes(shapes) -> None:
@@ -105,10 +130,11 @@ def scatter(inputs, chunks: int, dim: int, what: str = "inputs") -> list:
     return [tuple(p[c] for p in parts) for c in range(chunks)]
 
 
-def gather(chunks_out: list, dim: int):
-    cols = list(zip(*chunks_out))
-    out = tuple(torch.cat(col, dim=dim) for col in cols)
-    return out[0] if len(out) == 1 else out
+def gather(chunks_out: list, dim: int) -> tuple:
+    """Per-chunk outputs (tensors or sequences of tensors) -> a tuple with one concatenated tensor per
+    output (a tuple even for one output, as the step's callers unpack it)."""
+    chunks_out = [(c,) if isinstance(c, torch.Tensor) else c for c in chunks_out]
+    return tuple(torch.cat(col, dim=dim) for col in zip(*chunks_out))
 
 
 def _as_list(outputs, where: str) -> list:
@@ -125,7 +151,7 @@ class PipelineSchedule(nn.Module):
     kind = ""
     n_modules = 2
 
-    def __init__(self, modules, batch_dim: int = 0, process_group=None, rank_mapping=None) -> None:
+    def __init__(self, modules, batch_dim: int = 0, process_group=None, rank_mapping=None, *, timeout=None) -> None:
         super().__init__()
         name = type(self).__name__
         if isinstance(modules, nn.Module) and self.n_modules == 1 and not isinstance(modules, (nn.ModuleList, nn.Sequential)):
@@ -142,6 +168,10 @@ class PipelineSchedule(nn.Module):
         self.module = nn.ModuleList(modules)
         self.batch_dim = batch_dim
         self.group = process_group if process_group is not None else dist.group.WORLD
+        # every transfer and the handshake wait at most this long (seconds or a timedelta)
+        self.timeout = group_timeout(self.group) if timeout is None else as_timedelta(timeout, name)
+        self._failed: str | None = None
+        self._orphans: list = []   # transfers left in flight by a failed step: their buffers must outlive them
         n = dist.get_world_size(self.group)
         if rank_mapping is None:
             rank_mapping = list(range(n))
@@ -164,6 +194,7 @@ class PipelineSchedule(nn.Module):
                                             and hasattr(type(m0), "overlapped_forward_backward"))
         self.record_timeline = False   # True: self.timeline gets (op, start, end) per op of the last step
         self.timeline: list = []
+        self._layout = _digest(self._global)
 
     # ------------------------------------------------------------------ per-schedule
     def _modules_doc(self) -> str:
@@ -187,26 +218,24 @@ class PipelineSchedule(nn.Module):
         micro-batches. Returns ``(loss, outputs)``: the stacked per-chunk losses and the concatenated
         outputs on the ranks that hold a last stage (``None`` elsewhere and for what was not asked)."""
         name = f"{type(self).__name__}.step"
-        if _P2P["shapes"] is None or _P2P["dtype"] is None:
-            raise RuntimeError(f"{name}: call set_p2p_tensor_shapes and set_p2p_tensor_dtype before a step")
-        if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks <= 0:
-            raise ValueError(f"{name}: argument 'num_chunks' must be an int > 0, got {num_chunks!r}")
-        self._check_chunks(num_chunks)
+        if self._failed is not None:
+            raise PipelineTimeoutError(f"{name}: an earlier step of this pipeline failed ({self._failed}); its "
+                                       f"process group holds unmatched transfers: rebuild the group and the pipeline")
         if isinstance(labels, torch.Tensor):
             labels = (labels,)
         self.forward_only = not torch.is_grad_enabled()
-        feed_slot, n_feed, loss_slot = self._feeds(num_chunks)
-        if feed_slot is not None and (len(inputs) == 0 or all(x is None for x in inputs)):
-            raise ValueError(f"{name}: pipeline rank {self.rank} holds a first stage: it needs the inputs")
-        if loss_slot is not None and not self.forward_only and criterion is None:
-            raise ValueError(f"{name}: pipeline rank {self.rank} holds a last stage: a training step needs 'criterion'")
+        # NOTE: argument errors are held until every rank has joined the handshake: a rank that raised
+        # alone would leave its peers waiting for its first transfer
+        local_error = None
+        try:
+            loss_slot, first_inputs, chunk_labels = self._check_step(name, inputs, num_chunks, criterion, labels)
+        except (ValueError, TypeError, RuntimeError) as e:
+            local_error = e
+        self._handshake(name, num_chunks, local_error)
         self._reset()
         self.return_outputs = return_outputs
         self.criterion = criterion
-        if feed_slot is not None:
-            self.first_inputs = scatter(inputs, n_feed, self.batch_dim, "inputs")
-        if loss_slot is not None:
-            self.labels = scatter(labels, n_feed, self.batch_dim, "labels") if len(labels) else [()] * n_feed
+        self.first_inputs, self.labels = first_inputs, chunk_labels
         prog = PROGRAMS[self.kind](self.num_ranks, self.rank, num_chunks)
         self.timeline = []
         if self.forward_only:
@@ -219,10 +248,19 @@ class PipelineSchedule(nn.Module):
                 self._run(op)
                 if self.record_timeline:
                     self.timeline.append((op, t0, time.perf_counter()))
-            for w, _ in self.sends:
-                w.wait()
+            while self.sends:
+                work, _buf, what = self.sends[0]
+                self._wait(work, what)
+                self.sends.pop(0)
             if not self.forward_only and not WeightGradStore.funcs_queue.empty():
                 raise RuntimeError(f"{name}: deferred weight gradients left after the schedule (WeightGradStore)")
+        except BaseException as e:
+            # the peers now wait for transfers this rank will never make: they time out (bounded); this
+            # pipeline keeps the in-flight buffers alive and refuses further steps
+            self._failed = f"pipeline rank {self.rank}: {type(e).__name__}: {str(e)[:200]}"
+            self._orphans.append((self.recvs, self.sends))
+            self.recvs, self.sends = {}, []
+            raise
         finally:
             WeightGradStore.clear()
         loss = outputs = None
@@ -231,8 +269,64 @@ class PipelineSchedule(nn.Module):
                 loss = torch.stack([l.detach() for l in self.losses])
             if return_outputs:
                 outputs = gather(self.last_outputs, self.batch_dim)
+                if len(outputs) == 1:
+                    outputs = outputs[0]
         self._reset()
         return loss, outputs
+
+    def _check_step(self, name, inputs, num_chunks, criterion, labels):
+        """``(loss slot, per-chunk inputs, per-chunk labels)`` of this rank, or the argument error."""
+        if _P2P["shapes"] is None or _P2P["dtype"] is None:
+            raise RuntimeError(f"{name}: call set_p2p_tensor_shapes and set_p2p_tensor_dtype before a step")
+        if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks <= 0:
+            raise ValueError(f"{name}: argument 'num_chunks' must be an int > 0, got {num_chunks!r}")
+        self._check_chunks(num_chunks)
+        feed_slot, n_feed, loss_slot = self._feeds(num_chunks)
+        if feed_slot is not None and (len(inputs) == 0 or all(x is None for x in inputs)):
+            raise ValueError(f"{name}: pipeline rank {self.rank} holds a first stage: it needs the inputs")
+        if loss_slot is not None and not self.forward_only and criterion is None:
+            raise ValueError(f"{name}: pipeline rank {self.rank} holds a last stage: a training step needs 'criterion'")
+        first_inputs = scatter(inputs, n_feed, self.batch_dim, "inputs") if feed_slot is not None else None
+        chunk_labels = None
+        if loss_slot is not None:
+            chunk_labels = scatter(labels, n_feed, self.batch_dim, "labels") if len(labels) else [()] * n_feed
+        return loss_slot, first_inputs, chunk_labels
+
+    def _handshake(self, name, num_chunks, local_error):
+        """Every rank's step signature and argument-check outcome, gathered; raises on every rank if one
+        rank's arguments were rejected or the ranks disagree."""
+        shapes, dtype = _P2P["shapes"] or [], _P2P["dtype"]
+        nc = num_chunks if isinstance(num_chunks, int) and not isinstance(num_chunks, bool) else -1
+        row = [_HS_MAGIC, _KINDS.index(self.kind), self.num_ranks, self._layout, nc,
+               dtype_code(dtype) if dtype is not None else -1,
+               _digest([len(shapes)] + [d for sh in shapes for d in (len(sh), *sh)]), int(self.forward_only),
+               self.batch_dim, int(local_error is not None)]
+        mine = torch.tensor(row, dtype=torch.int64)
+        if dist.get_backend(self.group) == "nccl":
+            mine = mine.to(self._device())
+        got = [torch.empty_like(mine) for _ in range(self.num_ranks)]
+        try:
+            wait_within(dist.all_gather(got, mine, group=self.group, async_op=True), self.timeout,
+                        PipelineTimeoutError, f"{name}: the pipeline's step handshake")
+        except PipelineTimeoutError as e:
+            self._failed = str(e)[:300]
+            raise
+        if local_error is not None:
+            raise local_error
+        rows = [g.tolist() for g in got]
+        bad = [r for r, rw in enumerate(rows) if rw[-1]]
+        if bad:
+            raise ValueError(f"{name}: process-group rank(s) {bad} rejected their step arguments (their errors say "
+                             f"why); no rank ran the step")
+        diff = disagreement([rw[:-1] for rw in rows], _HS_FIELDS,
+                            {"schedule": lambda v: _KINDS[v] if 0 <= v < len(_KINDS) else v,
+                             "p2p dtype": dtype_name,
+                             "grad mode": lambda v: "no_grad" if v else "training"})
+        if diff:
+            raise ValueError(f"{name}: the ranks of the pipeline disagree on the step ({diff}); every rank must run "
+                             f"the same schedule over the same group with the same num_chunks, set_p2p_tensor_shapes/"
+                             f"dtype, batch_dim and grad mode (local: num_chunks={num_chunks!r}, p2p shapes={shapes}, "
+                             f"dtype={dtype})")
 
     def _reset(self):
         WeightGradStore.clear()
@@ -271,14 +365,20 @@ class PipelineSchedule(nn.Module):
         src = self._global[peer[0]]
         works = [dist.irecv(b, src=src, group=self.group if self.group is not dist.group.WORLD else None,
                             tag=self._tag(kind, slot, chunk)) for b in bufs]
-        self.recvs[key] = (works, bufs)
+        what = (f"{type(self).__name__}.step: pipeline rank {self.rank} receiving the "
+                f"{'activations' if kind == 'F' else 'gradients'} of chunk {chunk} from pipeline rank {peer[0]}")
+        self.recvs[key] = (works, bufs, what)
 
     def _take_recv(self, kind, slot, chunk):
         self._post_recv(kind, slot, chunk)
-        works, bufs = self.recvs.pop((kind, slot, chunk))
+        works, bufs, what = self.recvs[(kind, slot, chunk)]
         for w in works:
-            w.wait()
+            self._wait(w, what)
+        del self.recvs[(kind, slot, chunk)]
         return bufs
+
+    def _wait(self, work, what):
+        wait_within(work, self.timeout, PipelineTimeoutError, what)
 
     def _send(self, kind, slot, chunk, tensors, peer_rank):
         where = f"{type(self).__name__}.step"
@@ -296,7 +396,9 @@ class PipelineSchedule(nn.Module):
             # both ends tag with their own slot's path: the same path
             work = dist.isend(buf, dst=self._global[peer_rank], tag=self._tag(kind, slot, chunk),
                               group=self.group if self.group is not dist.group.WORLD else None)
-            self.sends.append((work, buf))     # the buffer lives until the send completes
+            what = (f"{where}: pipeline rank {self.rank} sending the {'activations' if kind == 'F' else 'gradients'} "
+                    f"of chunk {chunk} to pipeline rank {peer_rank}")
+            self.sends.append((work, buf, what))     # the buffer lives until the send completes
 
     def _device(self):
         for p in self.module.parameters():

@@ -41,7 +41,7 @@ from ...models.deepseek_v3 import DecoderLayer
 from ...nn import fp8 as _fp8
 from ...nn.fp8 import FP8Linear
 from ...nn.moe import MoE
-from ..common import get_dispatch_layout
+from ..common import EPTimeoutError, get_dispatch_layout, wait_within
 from .runtime import WeightGradStore
 
 __all__ = ["DecoderStage", "ZeroBubbleFP8Linear", "enable_weight_grad_store"]
@@ -129,14 +129,15 @@ class _AttachAux(torch.autograd.Function):
 
 
 class _Async:
-    """An in-flight exchange: ``works`` to wait for before the buffers are read."""
+    """An in-flight exchange: ``works`` to wait for before the buffers are read, each within the EP
+    buffer's timeout (a peer that died or raised becomes an EPTimeoutError here, not a hang)."""
 
-    def __init__(self, works):
-        self.works = works
+    def __init__(self, works, timeout, what: str):
+        self.works, self.timeout, self.what = works, timeout, what
 
     def wait(self):
         for w in self.works:
-            w.wait()
+            wait_within(w, self.timeout, EPTimeoutError, f"dsmoe pipeline stage: expert-parallel {self.what}")
 
 
 def _a2a(group, out, inp, out_splits, in_splits):
@@ -158,7 +159,9 @@ class _EPRoute:
         self.send_lidx = torch.where(self.local, sidx - dest.unsqueeze(1) * L, torch.full_like(sidx, -1)).to(torch.int32)
         sc = torch.bincount(dest, minlength=W)
         rc = torch.empty_like(sc)
-        dist.all_to_all_single(rc, sc, group=self.group)     # sizes first: small and blocking
+        self.timeout = moe._ep.timeout
+        wait_within(dist.all_to_all_single(rc, sc, group=self.group, async_op=True), self.timeout, EPTimeoutError,
+                    "dsmoe pipeline stage: expert-parallel row counts")     # sizes first: small and blocking
         self.sc, self.rc = sc.tolist(), rc.tolist()
         self.S, self.R = sum(self.sc), sum(self.rc)
 
@@ -199,7 +202,7 @@ def _moe_layer_forward(layer: DecoderLayer, h, cos, sin, rec: list, aux_scale: f
         rw = torch.empty(rt.R, rt.k, dtype=torch.float32)
         ridx = torch.empty(rt.R, rt.k, dtype=torch.int32)
         yield _Async([_a2a(rt.group, rx, sx, rt.rc, rt.sc), _a2a(rt.group, rw, sw, rt.rc, rt.sc),
-                      _a2a(rt.group, ridx, rt.send_lidx, rt.rc, rt.sc)])
+                      _a2a(rt.group, ridx, rt.send_lidx, rt.rc, rt.sc)], rt.timeout, "dispatch")
         n_local = moe.experts.num_experts
     else:
         rt, rx, rw, ridx, n_local = None, x2.detach(), w.detach(), idx, moe.num_experts
@@ -209,7 +212,7 @@ def _moe_layer_forward(layer: DecoderLayer, h, cos, sin, rec: list, aux_scale: f
     # ---- C2: combine
     if rt is not None:
         back = yl.new_empty(rt.S, H)
-        yield _Async([_a2a(rt.group, back, yl.detach(), rt.sc, rt.rc)])
+        yield _Async([_a2a(rt.group, back, yl.detach(), rt.sc, rt.rc)], rt.timeout, "combine")
         acc = torch.float64 if back.dtype == torch.float64 else torch.float32
         comb = torch.zeros(rt.T, H, dtype=acc).index_add_(0, rt.tok, back.to(acc)).to(yl.dtype)
     else:
@@ -234,7 +237,7 @@ def _moe_layer_backward(r, g_out):
     g_comb, g_h1 = _grad(cl), _grad(h1l)
     if rt is not None:                                            # C2': combine gradients travel like a dispatch
         g_yl = yl.new_empty(rt.R, yl.shape[1])
-        yield _Async([_a2a(rt.group, g_yl, g_comb[rt.tok], rt.rc, rt.sc)])
+        yield _Async([_a2a(rt.group, g_yl, g_comb[rt.tok], rt.rc, rt.sc)], rt.timeout, "combine backward")
     else:
         g_yl = g_comb
     torch.autograd.backward([yl], [g_yl])                         # S2'
@@ -242,7 +245,8 @@ def _moe_layer_backward(r, g_out):
     if rt is not None:                                            # C1': dispatch gradients travel like a combine
         bx = g_rx.new_empty(rt.S, g_rx.shape[1])
         bw = torch.empty(rt.S, rt.k, dtype=torch.float32)
-        yield _Async([_a2a(rt.group, bx, g_rx, rt.sc, rt.rc), _a2a(rt.group, bw, g_rw.float(), rt.sc, rt.rc)])
+        yield _Async([_a2a(rt.group, bx, g_rx, rt.sc, rt.rc), _a2a(rt.group, bw, g_rw.float(), rt.sc, rt.rc)],
+                     rt.timeout, "dispatch backward")
         acc = torch.float64 if bx.dtype == torch.float64 else torch.float32
         g_x2 = torch.zeros(rt.T, bx.shape[1], dtype=acc).index_add_(0, rt.tok, bx.to(acc)).to(x2.dtype)
         bw = torch.where(rt.local, bw, torch.zeros_like(bw))
