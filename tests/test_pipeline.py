@@ -296,6 +296,10 @@ def _check_errors(rank):
             DualPipeV((mods[0],), process_group=solo)
     with pytest.raises(ValueError, match="batch_dim"):
         DualPipe(mods, batch_dim=-1)
+    with pytest.raises(ValueError, match="'timeout' must be positive, got 0"):
+        DualPipe(mods, timeout=0)
+    with pytest.raises(TypeError, match="'timeout'"):
+        DualPipe(mods, timeout="1s")
 
 
 def _check_train(rank, ep=1):
@@ -324,8 +328,9 @@ def test_pipelines_two_ranks():
     mp.spawn(_worker, args=(2, _free_port(), _CASES), nprocs=2, join=True)
 
 
-# four ranks: every schedule, the decoder stages (the costliest) under DualPipe; then PP = 2 x EP = 2
-_CASES4 = [("dualpipe", "linear"), ("dualpipe", "decoder"), ("dualpipev", "wgs"), ("1f1b", "linear")]
+# four ranks: every schedule; DualPipe and DualPipeV with the three stage kinds; then PP = 2 x EP = 2
+_CASES4 = [("dualpipe", "linear"), ("dualpipe", "wgs"), ("dualpipe", "decoder"), ("dualpipev", "linear"),
+           ("dualpipev", "wgs"), ("dualpipev", "decoder"), ("1f1b", "linear")]
 
 
 @pytest.mark.dist
