@@ -7,5 +7,5 @@ from .runtime import (DualPipe, DualPipeV, OneFOneB, PipelineSchedule, PipelineT
                       run_backward, scatter, set_p2p_tensor_dtype, set_p2p_tensor_shapes)
 from .schedule import Op, Topology, bubble_formula, simulate
 
-__all__ = ["DualPipe", "DualPipeV", "OneFOneB", "PipelineSchedule", "PipelineTimeoutError", "WeightGradStore", "set_p2p_tensor_shapes",
-           "set_p2p_tensor_dtype", "run_backward", "scatter", "gather", "simulate", "bubble_formula", "Op", "Topology"]
+__all__ = ["DualPipe", "DualPipeV", "OneFOneB", "PipelineSchedule", "PipelineTimeoutError", "WeightGradStore",
+           "set_p2p_tensor_shapes", "set_p2p_tensor_dtype", "run_backward", "scatter", "gather", "simulate", "bubble_formula", "Op", "Topology"]

@@ -30,8 +30,8 @@ from torch import nn
 from ..common import as_timedelta, disagreement, dtype_code, dtype_name, group_timeout, wait_within
 from .schedule import PROGRAMS, Op, Topology
 
-__all__ = ["PipelineTimeoutError", "WeightGradStore", "set_p2p_tensor_shapes", "set_p2p_tensor_dtype", "run_backward", "scatter", "gather",
-           "PipelineSchedule"]
+__all__ = ["PipelineTimeoutError", "WeightGradStore", "set_p2p_tensor_shapes", "set_p2p_tensor_dtype", "run_backward",
+           "scatter", "gather", "PipelineSchedule"]
 
 _P2P = {"shapes": None, "dtype": None}
 _LOOKAHEAD = 2   # ops whose receives are posted before the current op runs
