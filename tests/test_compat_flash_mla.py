@@ -36,9 +36,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def fp8_quantize_flashmla(kv: torch.Tensor) -> torch.Tensor:
+def fp8_quantize_flashmla(kv: torch.Tensor, pow2: bool = True) -> torch.Tensor:
     """bf16 ``[nb, 64, 1, 576]`` -> float8_e4m3fn ``[nb, 64, 1, 656]`` in FlashMLA's layout (512 e4m3, 4 fp32
-    power-of-two scales per 128 values, 64 bf16 rope), pages 65 tokens apart; NaN tokens: all bytes 0xff."""
+    scales per 128 values, 64 bf16 rope), pages 65 tokens apart; NaN tokens: all bytes 0xff. Scales
+    ``amax / 448`` rounded up to a power of two (FlashMLA's 2026 tests), or as they are with ``pow2=False``
+    (its 2025 tests): the layout takes any fp32 scale."""
     nb = kv.shape[0]
     x = kv.squeeze(2).float()
     bad = torch.isnan(x).any(-1)
@@ -46,7 +48,8 @@ def fp8_quantize_flashmla(kv: torch.Tensor) -> torch.Tensor:
     buf = torch.zeros(nb, 65, 656, dtype=torch.uint8)
     out = buf[:, :64]
     lat = x[..., :512].reshape(nb, 64, 4, 128)
-    scale = torch.pow(2.0, torch.ceil(torch.log2(lat.abs().amax(-1).clamp(min=1e-4) / 448.0)))
+    scale = lat.abs().amax(-1) / 448.0
+    scale = torch.pow(2.0, torch.ceil(torch.log2(scale.clamp(min=1e-4)))) if pow2 else scale.clamp(min=1e-30)
     out[..., :512] = (lat / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).reshape(nb, 64, 512).view(torch.uint8)
     out[..., 512:528] = scale.contiguous().view(torch.uint8).reshape(nb, 64, 16)
     out[..., 528:] = x[..., 512:].to(torch.bfloat16).contiguous().view(torch.uint8).reshape(nb, 64, 128)
@@ -86,7 +89,7 @@ def make_case(seqlens, s_q, h_q, *, fp8=False, sentinel=SENTINEL, q_std=1.0, k_s
         if n % 64:
             kv[int(bt[i, nblk - 1]), n % 64:] = float("nan")
         bt[i, nblk:] = sentinel
-    cache = fp8_quantize_flashmla(kv) if fp8 else kv
+    cache = fp8_quantize_flashmla(kv, pow2=fp8 != "fp32") if fp8 else kv
     values = fp8_dequantize_flashmla(cache) if fp8 else kv
     cs = torch.tensor(list(seqlens), dtype=torch.int32)
     return q.bfloat16().to(device), cache.to(device), bt.to(device), cs.to(device), values
@@ -158,7 +161,8 @@ def random_normal(mu, sigma):
 
 
 # ----------------------------------------------------------------------------- FlashMLA's tests' call forms
-CASES = [  # b, s_q, h_q, seqlens (None: FlashMLA's varlen draw around 140), causal, fp8, sentinel
+CASES = [  # b, s_q, h_q, seqlens (None: FlashMLA's varlen draw around 140), causal, fp8 ("fp32": scales not
+    # powers of two), sentinel
     (1, 1, 128, [20], False, False, SENTINEL),
     (2, 2, 16, [140, 1], True, False, SENTINEL),
     (3, 1, 3, [63, 64, 65], False, True, SENTINEL),
@@ -167,6 +171,7 @@ CASES = [  # b, s_q, h_q, seqlens (None: FlashMLA's varlen draw around 140), cau
     (4, 2, 1, [1, 257, 2, 130], True, True, SENTINEL),
     (5, 1, 126, None, True, False, SENTINEL),
     (2, 4, 64, [4, 300], True, False, -1),
+    (3, 2, 5, [129, 0, 70], True, "fp32", SENTINEL),
 ]
 
 
@@ -176,11 +181,11 @@ def test_classic_interface_as_flashmla_2025_tests(b, s_q, h_q, seqlens, causal, 
     q, blocked_k, block_table, cache_seqlens, values = make_case(seqlens, s_q, h_q, fp8=fp8, sentinel=sentinel)
     h_kv, dv, topk = 1, DV, None
     tile_scheduler_metadata, num_splits = flash_mla.get_mla_metadata(
-        cache_seqlens, s_q * h_q // h_kv, h_kv, h_q, fp8, topk)
+        cache_seqlens, s_q * h_q // h_kv, h_kv, h_q, bool(fp8), topk)
     assert tile_scheduler_metadata.dtype == torch.int32 and tile_scheduler_metadata.shape[1] == 8
     assert num_splits.dtype == torch.int32 and num_splits.shape == (b + 1,)
     out, lse = flash_mla.flash_mla_with_kvcache(q, blocked_k, block_table, cache_seqlens, dv, tile_scheduler_metadata,
-                                                num_splits, causal=causal, is_fp8_kvcache=fp8, indices=None)
+                                                num_splits, causal=causal, is_fp8_kvcache=bool(fp8), indices=None)
     check(out, lse, *attention_fp64(q, values, block_table, seqlens, D ** -0.5, causal))
 
 
@@ -431,6 +436,74 @@ def test_metadata_tensor_without_num_splits_is_a_lazy_handle():
     assert getattr(fresh, flash_mla._LAZY_ATTR, None) is None, "a rejected call plans nothing"
 
 
+def test_metadata_tensor_handle_kept_across_steps_never_uses_a_stale_plan():
+    """A handle looks like classic metadata, which callers keep across steps (persistent buffers with the
+    lengths written in place): its plan is reused only for the same, unwritten cache_seqlens tensor; an
+    in-place update, another tensor or an untracked one (made under inference_mode) plans again, and each
+    plan equals the classic metadata of the lengths at that call."""
+    seqlens, new = [300, 200, 129], [64, 190, 0]
+    q, k, bt, cs, values = make_case(seqlens, 1, 16)
+    handle, _ = flash_mla.get_mla_metadata(cs, 16, 1)
+
+    def plan():
+        return getattr(handle, flash_mla._LAZY_ATTR)
+
+    def classic(lens):
+        return flash_mla.get_mla_metadata(torch.tensor(lens, dtype=torch.int32), 16, 1)
+
+    flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, handle)
+    p1 = plan()
+    md1, ns1 = classic(seqlens)
+    assert torch.equal(p1.tile_scheduler_metadata, md1) and torch.equal(p1.num_splits, ns1)
+    flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, handle)
+    assert plan() is p1, "same tensor, not written: the plan is reused (once per step, not per layer)"
+    cs.copy_(torch.tensor(new, dtype=torch.int32))  # the next step's lengths, in place
+    out, lse = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, handle)
+    check(out, lse, *attention_fp64(q, values, bt, new, D ** -0.5, False))
+    p2 = plan()
+    md2, ns2 = classic(new)
+    assert p2 is not p1 and torch.equal(p2.tile_scheduler_metadata, md2) and torch.equal(p2.num_splits, ns2)
+    assert not torch.equal(md2, md1), "the two steps' schedules differ (else this test proves nothing)"
+    # a write through another view of the same storage bumps the shared version counter
+    cs[:1].fill_(seqlens[0])
+    flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, handle)
+    p3 = plan()
+    assert p3 is not p2 and torch.equal(p3.tile_scheduler_metadata, classic([300, 190, 0])[0])
+    other = cs.clone()
+    flash_mla.flash_mla_with_kvcache(q, k, bt, other, DV, handle)
+    assert plan() is not p3, "another cache_seqlens tensor: planned again"
+    with torch.inference_mode():
+        untracked = cs.clone()
+    plans = []
+    for _ in range(2):
+        flash_mla.flash_mla_with_kvcache(q, k, bt, untracked, DV, handle)
+        plans.append(plan())
+    assert plans[0] is not plans[1], "an inference tensor keeps no version counter: every call plans"
+
+
+@pytest.mark.parametrize("initialized", [False, True])
+def test_schedule_written_into_the_lazy_object_by_its_caller_is_replaced(initialized):
+    """vLLM's batch-invariant mode writes FlashMLA's single-split schedule (one part over the whole batch,
+    num_splits of zeros) into the lazy object: not dsmoe's format (zeros would leave every output
+    unwritten on the GPU), so the module plans its own; its own plan is then reused."""
+    seqlens = [70, 0, 300]
+    q, k, bt, cs, values = make_case(seqlens, 1, 16)
+    sm, _ = flash_mla.get_mla_metadata()
+    if initialized:
+        flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, sm, causal=True)
+    B = q.shape[0]
+    md = torch.zeros((1, 8), dtype=torch.int32)
+    md[0, 2], md[0, 3] = B - 1, bt.shape[-1]
+    sm.tile_scheduler_metadata, sm.num_splits = md, torch.zeros(B + 1, dtype=torch.int32)
+    out, lse = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, sm, causal=True)
+    check(out, lse, *attention_fp64(q, values, bt, seqlens, D ** -0.5, True))
+    ref_md, ref_ns = flash_mla.get_mla_metadata(cs, 16, 1)
+    assert torch.equal(sm.tile_scheduler_metadata, ref_md) and torch.equal(sm.num_splits, ref_ns)
+    mine = sm.tile_scheduler_metadata
+    flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, sm, causal=True)
+    assert sm.tile_scheduler_metadata is mine
+
+
 # ----------------------------------------------------------------------------- unsupported and bad input
 def _base():
     q, k, bt, cs, _ = make_case([70, 5], 1, 16)
@@ -544,6 +617,7 @@ GPU_CASES = [  # b, s_q, h_q, seqlens, causal, fp8, lazy
     (3, 2, 63, [1, 640, 129], True, True, False),
     (5, 1, 16, [77, 2000, 0, 64, 3], False, True, True),
     (16, 2, 3, None, True, False, False),
+    (4, 2, 64, [700, 1, 0, 129], True, "fp32", True),
 ]
 
 
@@ -555,8 +629,8 @@ def test_gpu_decode_matches_fp64(b, s_q, h_q, seqlens, causal, fp8, lazy):
     if lazy:
         md, ns = flash_mla.get_mla_metadata()
     else:
-        md, ns = flash_mla.get_mla_metadata(cs, s_q * h_q, 1, h_q, fp8, None)
-    out, lse = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, md, ns, causal=causal, is_fp8_kvcache=fp8)
+        md, ns = flash_mla.get_mla_metadata(cs, s_q * h_q, 1, h_q, bool(fp8), None)
+    out, lse = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, md, ns, causal=causal, is_fp8_kvcache=bool(fp8))
     sync()
     assert out.device == q.device and lse.device == q.device
     check(out, lse, *attention_fp64(q, values, bt, seqlens, D ** -0.5, causal), gpu=True)
@@ -618,6 +692,45 @@ def test_gpu_cuda_graph_lazy_metadata_planned_inside_capture(handle):
         out_g, lse_g = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, sched, causal=True)
     assert (getattr(sched, flash_mla._LAZY_ATTR) if handle else sched).have_initialized
     for lens in (seqlens, [64, 0, 1, 2]):
+        cs.copy_(torch.tensor(lens, dtype=torch.int32))
+        out_g.fill_(float("nan"))
+        g.replay()
+        sync()
+        check(out_g, lse_g, *attention_fp64(q, values, bt, lens, D ** -0.5, True), gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_only
+def test_gpu_metadata_handle_kept_across_steps_and_captures():
+    """One metadata tensor, passed without num_splits, kept for every step: eager steps with the lengths
+    written in place, a warm-up call with it before capture (the capture must record its own planning),
+    an eager call right after capture (the captured plan's buffers are not written until a replay)."""
+    H = 32
+    seqlens = [300, 0, 4000, 65]
+    q, k, bt, cs, values = make_case(seqlens, 2, H, flashmla_dist=True, device=DEV)
+    handle, _ = flash_mla.get_mla_metadata(cs, 2 * H, 1)
+
+    def eager(lens):
+        cs.copy_(torch.tensor(lens, dtype=torch.int32))
+        out, lse = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, handle, causal=True)
+        sync()
+        check(out, lse, *attention_fp64(q, values, bt, lens, D ** -0.5, True), gpu=True)
+
+    eager(seqlens)
+    eager([64, 0, 1, 2])
+    eager(seqlens)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, handle, causal=True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out_g, lse_g = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, handle, causal=True)
+    out, lse = flash_mla.flash_mla_with_kvcache(q, k, bt, cs, DV, handle, causal=True)  # before any replay
+    sync()
+    check(out, lse, *attention_fp64(q, values, bt, seqlens, D ** -0.5, True), gpu=True)
+    for lens in ([1, 0, 3000, 64], seqlens):
         cs.copy_(torch.tensor(lens, dtype=torch.int32))
         out_g.fill_(float("nan"))
         g.replay()

@@ -21,7 +21,11 @@ and then hands only the first result to ``flash_mla_with_kvcache`` (no ``num_spl
 backend) keeps working: a metadata tensor passed without ``num_splits`` is used as a lazy handle, i.e.
 the schedule is planned inside the first call that receives it (from that call's ``cache_seqlens``; a
 CUDA graph that captures that call re-plans on every replay, as FlashMLA's lazy object does) and reused
-by later calls with the same tensor; the tensor's own values are not read.
+by later calls with the same tensor; the tensor's own values are not read. Since such a tensor looks like
+classic metadata, which callers keep across steps, a plan is reused only while ``cache_seqlens`` is
+provably unchanged: the same tensor, not written in place since (its version counter), and the same
+CUDA-graph capture state as when planned; otherwise the call plans again (one small kernel). A
+``cache_seqlens`` made under ``torch.inference_mode`` has no version counter, so every call plans.
 
 Supported: q ``[b, s_q, h_q, 576]`` bf16 (last dim contiguous), one KV head, 64-token pages, the bf16
 cache ``[num_blocks, 64, 1, 576]`` or the 656-byte FP8 cache ``[num_blocks, 64, 1, 656]``
@@ -33,7 +37,8 @@ NotImplementedError saying what is): sparse attention (``indices``, ``topk``, ``
 points (``flash_mla_sparse_fwd``, ``flash_attn_varlen_*``). Differences: a batch of 0 sequences
 returns empty outputs (FlashMLA rejects it); bad input raises TypeError/ValueError naming the argument
 (FlashMLA raises RuntimeError/AssertionError); metadata tensors must come from this module's
-``get_mla_metadata`` (the formats are dsmoe's: ``dsmoe.ref.mla.get_mla_metadata``).
+``get_mla_metadata`` (the formats are dsmoe's: ``dsmoe.ref.mla.get_mla_metadata``); schedules a caller
+writes into a ``FlashMLASchedMeta`` itself (vLLM's batch-invariant mode) are replaced by the module's own.
 
 Semantics (those of FlashMLA's tests): ``softmax_scale`` defaults to ``q.shape[-1] ** -0.5``; cache
 slots and pages past ``cache_seqlens[i]`` are never read (NaN there does not leak) and block-table
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -74,6 +80,17 @@ _FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8, torch.int8)
 # at the first decode call rather than reusing what get_mla_metadata computed matters under CUDA graphs:
 # such callers build the metadata outside the graph each step and rely on the captured call to re-plan.
 _LAZY_ATTR = "_dsmoe_flash_mla_sched"
+# ... and under this one the cache_seqlens the plan was made from (see _plan_key). Unlike FlashMLA's own
+# lazy object, whose reuse is the caller's promise, a tensor handle looks like classic metadata, which
+# callers legitimately keep across steps (persistent CUDA-graph buffers updated in place); a stale plan
+# would silently attend over the wrong tokens on the GPU, so the handle re-plans whenever it cannot
+# prove that cache_seqlens is unchanged.
+_LAZY_KEY_ATTR = "_dsmoe_flash_mla_sched_key"
+# Marks a tile_scheduler_metadata planned by this module. A FlashMLASchedMeta whose fields hold anything
+# else was filled by its caller (vLLM's batch-invariant mode writes a FlashMLA-format single-split
+# schedule there): not dsmoe's format (its num_splits of zeros would leave every output unwritten on the
+# GPU), so the module plans its own instead.
+_PLANNED_ATTR = "_dsmoe_flash_mla_planned"
 
 _SUPPORTED = ("dsmoe.compat.flash_mla implements FlashMLA's dense MLA decoding: get_mla_metadata + "
               "flash_mla_with_kvcache with indices=None, q bf16 [b, s_q, h_q, 576], one KV head, 64-token "
@@ -216,14 +233,35 @@ def _check_sched_config(fn: str, cfg: "FlashMLASchedMeta.Config", now: "FlashMLA
                              f"with the same shapes, flags and cache_seqlens (get_mla_metadata() makes a new one)")
 
 
+def _plan_key(cache_seqlens: torch.Tensor):
+    """What a handle's plan depends on: this cache_seqlens tensor (identity, storage, shape), its contents
+    (the version counter, bumped by every in-place write) and whether the call is being captured into a
+    CUDA graph (a plan made outside a capture is not recorded in the graph, one made inside holds values
+    only after a replay). None when the contents cannot be tracked (tensors made under
+    torch.inference_mode keep no version counter): then every call plans."""
+    try:
+        version = cache_seqlens._version
+    except RuntimeError:
+        return None
+    capturing = cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+    return (weakref.ref(cache_seqlens), cache_seqlens.data_ptr(), tuple(cache_seqlens.shape), version, capturing)
+
+
+def _plan_still_valid(key, now) -> bool:
+    return key is not None and now is not None and key[0]() is now[0]() and key[1:] == now[1:]
+
+
 def _resolve_metadata(fn: str, sched, num_splits, cache_seqlens: torch.Tensor, cfg: "FlashMLASchedMeta.Config"):
-    """(tile_scheduler_metadata, num_splits, lazy FlashMLASchedMeta to fill or None, tensor handle or None);
-    nothing is mutated here."""
+    """(tile_scheduler_metadata, num_splits, FlashMLASchedMeta to fill with a new plan or None, tensor handle
+    or None, plan key for the handle); nothing is mutated here."""
     op = _op(fn)
-    handle = None
+    handle = key = None
     if isinstance(sched, torch.Tensor) and num_splits is None:
         handle = sched
-        sched = getattr(handle, _LAZY_ATTR, None) or FlashMLASchedMeta()
+        key = _plan_key(cache_seqlens)
+        sched = getattr(handle, _LAZY_ATTR, None)
+        if sched is None or not _plan_still_valid(getattr(handle, _LAZY_KEY_ATTR, None), key):
+            sched = FlashMLASchedMeta()
     if isinstance(sched, FlashMLASchedMeta):
         if num_splits is not None:
             raise ValueError(f"dsmoe.{op}: argument 'num_splits' must be None with a FlashMLASchedMeta (the lazy "
@@ -237,11 +275,12 @@ def _resolve_metadata(fn: str, sched, num_splits, cache_seqlens: torch.Tensor, c
             if sched.tile_scheduler_metadata is None or sched.num_splits is None:
                 raise ValueError(f"dsmoe.{op}: argument 'tile_scheduler_metadata': a FlashMLASchedMeta must hold "
                                  f"both tile_scheduler_metadata and num_splits or neither")
-            return sched.tile_scheduler_metadata, sched.num_splits, sched, handle
+            if getattr(sched.tile_scheduler_metadata, _PLANNED_ATTR, False):
+                return sched.tile_scheduler_metadata, sched.num_splits, None, None, None
         md, ns = _ops.get_mla_metadata(cache_seqlens, cfg.s_q * cfg.h_q, 1)
-        return md, ns, sched, handle
+        return md, ns, sched, handle, key
     if isinstance(sched, torch.Tensor):
-        return sched, num_splits, None, None
+        return sched, num_splits, None, None, None
     raise TypeError(f"dsmoe.{op}: argument 'tile_scheduler_metadata' must be a FlashMLASchedMeta or an int32 tensor "
                     f"from get_mla_metadata, got {type(sched).__name__}")
 
@@ -316,16 +355,18 @@ def flash_mla_with_kvcache(
                          f"got {tuple(block_table.shape)}")
     cfg = FlashMLASchedMeta.Config(b, s_q, h_q, k_cache.shape[1], k_cache.shape[2], causal, is_fp8_kvcache,
                                    None, None, None)
-    md, ns, sched, handle = _resolve_metadata(fn, tile_scheduler_metadata, num_splits, cache_seqlens, cfg)
+    md, ns, sched, handle, key = _resolve_metadata(fn, tile_scheduler_metadata, num_splits, cache_seqlens, cfg)
     out, lse = _ops.mla_decode_with_kvcache(q, kv, block_table, cache_seqlens, head_dim_v, md, ns,
                                             float(softmax_scale), causal)
-    if sched is not None and not sched.have_initialized:
+    if sched is not None:
         # filled only after a successful call, so a rejected call leaves the object reusable
+        setattr(md, _PLANNED_ATTR, True)
         sched.have_initialized = True
         sched.config = cfg
         sched.tile_scheduler_metadata, sched.num_splits = md, ns
         if handle is not None:
             setattr(handle, _LAZY_ATTR, sched)
+            setattr(handle, _LAZY_KEY_ATTR, key)
     return out, lse
 
 
