@@ -7,7 +7,8 @@ Inputs follow FlashMLA's tests: random page permutations, page tables padded to 
 unused page and in the slots past each sequence, sentinel ids (FlashMLA's 2147480000, SGLang's -1 and
 its CUDA-graph fill 1) in the table past each sequence, zero-length sequences, causal with s_q > 1, h_q
 not a multiple of 64, and the 656-byte FP8 cache built here in FlashMLA's layout (pages 65 tokens apart,
-power-of-two scales, as FlashMLA's quant.py builds it).
+power-of-two scales as FlashMLA's 2026 quant.py builds them, or raw ``amax / 448`` fp32 scales as its 2025
+one did).
 
 CPU tier (the reference path): out within 2^-8 relative (its bf16 rounding) or 2e-5 absolute, lse within
 1e-5. GPU tier (the kernels): FlashMLA's own test tolerances (out 8e-4 abs or 2.01/128 rel, cosine diff
