@@ -541,6 +541,8 @@ def test_unsupported_entry_points_raise_not_implemented():
     i32 = torch.zeros(3, dtype=torch.int32)
     calls = [
         lambda: flash_mla.flash_mla_sparse_fwd(z, z, torch.zeros(4, 1, 64, dtype=torch.int32), 0.1),
+        lambda: flash_mla.flash_mla_sparse_fwd(z, z, torch.zeros(4, 1, 64, dtype=torch.int32), 0.1, 512, None, None,
+                                               indexer_topk=512),  # FlashMLA's newest signature
         lambda: flash_mla.flash_attn_varlen_func(z, z, z, i32, i32, 2, 2),
         lambda: flash_mla.flash_attn_varlen_qkvpacked_func(torch.zeros(4, 1, 576), i32, 2, 192),
         lambda: flash_mla.flash_attn_varlen_kvpacked_func(z, torch.zeros(4, 1, 384), i32, i32, 2, 2, 192),

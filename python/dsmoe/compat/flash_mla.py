@@ -372,7 +372,8 @@ def flash_mla_with_kvcache(
 
 # ----------------------------------------------------------------------------- not implemented
 def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = 512,
-                         attn_sink: Optional[torch.Tensor] = None, topk_length: Optional[torch.Tensor] = None):
+                         attn_sink: Optional[torch.Tensor] = None, topk_length: Optional[torch.Tensor] = None,
+                         indexer_topk: int = 0):
     """FlashMLA's sparse prefill: not implemented (raises NotImplementedError)."""
     raise _unsupported("flash_mla_sparse_fwd", "sparse prefill (flash_mla_sparse_fwd)")
 
