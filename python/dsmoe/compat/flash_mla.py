@@ -25,7 +25,9 @@ by later calls with the same tensor; the tensor's own values are not read. Since
 classic metadata, which callers keep across steps, a plan is reused only while ``cache_seqlens`` is
 provably unchanged: the same tensor, not written in place since (its version counter), and the same
 CUDA-graph capture state as when planned; otherwise the call plans again (one small kernel). A
-``cache_seqlens`` made under ``torch.inference_mode`` has no version counter, so every call plans.
+``cache_seqlens`` made under ``torch.inference_mode`` has no version counter, so every call plans. Not
+caught: one handle and one unchanged ``cache_seqlens`` captured into two CUDA graphs (torch exposes no
+capture id): the second graph reuses the first capture's plan; use a handle per graph.
 
 Supported: q ``[b, s_q, h_q, 576]`` bf16 (last dim contiguous), one KV head, 64-token pages, the bf16
 cache ``[num_blocks, 64, 1, 576]`` or the 656-byte FP8 cache ``[num_blocks, 64, 1, 656]``
