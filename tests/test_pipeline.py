@@ -59,6 +59,84 @@ def test_programs_run_every_chunk_once(kind):
         max(S.simulate("1f1b", 8, 20, F=1, B=2, W=1)["bubble"])
 
 
+def _replay_by_order(kind, pp, chunks, forward_only):
+    """Every rank's step with tag-free (NCCL's) matching: the k-th receive a rank posts on a channel meets
+    the k-th send its peer posts there. Ranks post receives as the executor does (its lookahead, each
+    channel's earlier messages first), block on the receives an op needs and post sends after computing.
+    Returns per channel the (sent, received) message pairs; raises on a deadlock."""
+    from dsmoe.parallel.pipeline import runtime as R
+    topo = S.Topology(kind, pp)
+    progs = [R.program(kind, pp, r, chunks, forward_only) for r in range(pp)]
+    pending = [{p: list(reversed(q)) for p, q in R.recv_order(topo, kind, pp, r, chunks, forward_only).items()}
+               for r in range(pp)]
+    sent = {}      # (src, dst) -> [(kind, path, chunk)] in posting order
+    posted = {}    # (src, dst) -> [(kind, path, chunk)] receives in posting order, as the receiver names them
+    pos, pc, done = [0] * pp, [0] * pp, [set() for _ in range(pp)]
+
+    def needs(r, op):
+        out = []
+        if op.kind in ("F", "FB"):
+            out.append(("F", op.slot, op.chunk))
+        if op.kind == "B":
+            out.append(("B", op.slot, op.chunk))
+        if op.kind == "FB" and not forward_only:
+            out.append(("B", op.slot_b, op.chunk_b))
+        res = []
+        for k, slot, c in out:
+            peer = topo.prev(r, slot) if k == "F" else topo.next(r, slot)
+            if peer is not None and peer[0] != r:
+                res.append((peer[0], (k, slot, c)))
+        return res
+
+    def post(r, peer, key):
+        if key in done[r]:
+            return
+        while True:
+            k = pending[r][peer].pop()
+            done[r].add(k)
+            posted.setdefault((peer, r), []).append((k[0], topo.where[(r, k[1])][0], k[2]))
+            if k == key:
+                return
+
+    progress = True
+    while progress:
+        progress = False
+        for r in range(pp):
+            while pc[r] < len(progs[r]):
+                op = progs[r][pc[r]]
+                for nxt in progs[r][pc[r]: pc[r] + 1 + R._LOOKAHEAD]:
+                    for peer, key in needs(r, nxt):
+                        post(r, peer, key)
+                # blocked until each needed receive's match (same index on the channel) has been sent
+                ok = True
+                for peer, key in needs(r, op):
+                    i = posted[(peer, r)].index((key[0], topo.where[(r, key[1])][0], key[2]))
+                    ok &= len(sent.get((peer, r), [])) > i
+                if not ok:
+                    break
+                for k, slot, c, dst in R.send_order(topo, [op], r, forward_only):
+                    sent.setdefault((r, dst), []).append((k, topo.where[(r, slot)][0], c))
+                pc[r] += 1
+                progress = True
+    assert all(pc[r] == len(progs[r]) for r in range(pp)), (kind, pp, chunks, forward_only, "deadlock", pc)
+    return {ch: (sent.get(ch, []), posted.get(ch, [])) for ch in set(sent) | set(posted)}
+
+
+@pytest.mark.parametrize("kind", ["1f1b", "dualpipe", "dualpipev"])
+def test_every_channel_matches_by_order_alone(kind):
+    # NCCL ignores tags: on every (sender, receiver) channel the receiver must post its receives in the
+    # sender's send order. Receives posted a few ops ahead in the receiver's own order break this from
+    # DualPipeV PP=3 and DualPipe PP=6 on (a gradient posted before an activation the sender sends first).
+    for pp in (1, 2, 3, 4, 5, 6, 8):
+        if kind == "dualpipe" and pp % 2:
+            continue
+        for chunks in sorted({2 * pp, 2 * pp + 2, 4 * pp} | ({3 * pp + 1} if kind != "dualpipe" else set())):
+            for fo in (False, True):
+                for ch, (snt, rcv) in _replay_by_order(kind, pp, chunks, fo).items():
+                    assert snt == rcv, (kind, pp, chunks, fo, ch, snt, rcv)
+                    assert abs(ch[0] - ch[1]) == 1
+
+
 # ----------------------------------------------------------------------------- stages
 H, T_SEQ, MB = 8, 3, 2          # hidden, sequence length, micro-batch size
 
@@ -168,7 +246,7 @@ def _grads_of(m):
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]
 
 
-def _check_case(sched, kind, pp, rank):
+def _check_case(sched, kind, pp, rank, logs=None):
     import copy
 
     from dsmoe.parallel.pipeline import DualPipe, DualPipeV, OneFOneB, set_p2p_tensor_dtype, set_p2p_tensor_shapes
@@ -212,6 +290,8 @@ def _check_case(sched, kind, pp, rank):
         exp_loss, exp_out = (ref_loss, ref_out) if last else (None, None)
     labels = (lin,) if lin is not None else ()
     loss, out = pipe.step(*args, num_chunks=chunks, criterion=_criterion, labels=labels, return_outputs=True)
+    if logs is not None:
+        logs.append(list(pipe.p2p_log))
     where = f"{sched} {kind} pp={pp} rank={rank}"
     if exp_loss is None:
         assert loss is None and out is None, where
@@ -239,6 +319,8 @@ def _check_case(sched, kind, pp, rank):
     # forward only: same losses and outputs
     with torch.no_grad():
         loss, out = pipe.step(*args, num_chunks=chunks, criterion=_criterion, labels=labels, return_outputs=True)
+    if logs is not None:
+        logs.append(list(pipe.p2p_log))
     if exp_loss is not None:
         assert torch.equal(loss, exp_loss) and torch.equal(out, exp_out), where
 
@@ -340,6 +422,41 @@ _CASES4 = [("dualpipe", "linear"), ("dualpipe", "wgs"), ("dualpipe", "decoder"),
 @pytest.mark.timeout(240)
 def test_pipelines_four_ranks_and_expert_parallel():
     mp.spawn(_worker, args=(4, _free_port(), _CASES4), nprocs=4, join=True)
+
+
+def _untagged_worker(rank, world, port):
+    # every message with tag 0: gloo then matches a channel by posting order alone, as NCCL does; the
+    # results must still equal the single-process reference, and the executor's own record of what it
+    # posted must show each channel's sends and receives in the same order
+    from dsmoe.parallel.pipeline import runtime as R
+    torch.set_num_threads(1)
+    R._TAGGED = False
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for sched in ("dualpipe", "dualpipev", "1f1b"):
+            logs = []
+            _check_case(sched, "linear", world, rank, logs)
+            for training, log in zip((True, False), logs):
+                every = [None] * world
+                dist.all_gather_object(every, log)
+                for src in range(world):
+                    for dst in range(world):
+                        snt = [m[2:] for m in every[src] if m[0] == "send" and m[1] == dst]
+                        rcv = [m[2:] for m in every[dst] if m[0] == "recv" and m[1] == src]
+                        assert snt == rcv, (sched, world, src, dst, snt, rcv)
+                        # a training step uses every neighbour channel (gradients flow back)
+                        assert snt or not training or abs(src - dst) != 1, (sched, world, src, dst)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 4])
+def test_pipelines_match_by_order_without_tags(world):
+    mp.spawn(_untagged_worker, args=(world, _free_port()), nprocs=world, join=True)
 
 
 # ----------------------------------------------------------------------------- pipeline x expert parallel

@@ -6,9 +6,15 @@ Transfers: every received tensor has one of the shapes given to :func:`set_p2p_t
 dtype of :func:`set_p2p_tensor_dtype` (activations forward, their gradients backward). Sends are posted
 as soon as a chunk is computed (``isend``) and waited at the end of the step; receives are posted a few
 ops ahead of the op that needs them. Each message carries a tag built from (direction, path, chunk),
-so on gloo the order in which peers post them does not matter. NCCL ignores tags: there the executor
-relies on every channel (a pair of ranks and a direction) carrying its messages in chunk order, which
-the programs guarantee per (kind, path); this path has not been run on GPUs here.
+but NCCL ignores tags and matches a channel's (a sender, a receiver) messages strictly in posting order.
+Invariant: on every channel the receiver posts its receives in exactly the order the sender posts its
+sends. Sends are posted in the order the sender's program computes them (:func:`send_order`); every
+rank derives that order for each neighbour from the neighbour's program (programs are deterministic in
+(schedule, PP, rank, num_chunks, grad mode), which the handshake checks), and a receive the current
+ops need is posted only after every earlier message of that channel has had its receive posted. So the
+k-th send of a channel always meets its k-th receive, with or without tags (the tests run every
+schedule with tag 0, where gloo too matches by order). NOTE: this settles which message meets which
+receive; NCCL's serialization of a rank pair's p2p ops on one stream has not been run on GPUs here.
 
 Failures: every step starts with a handshake (one small all-gather over the pipeline group) on the
 schedule, the rank layout, ``num_chunks``, the p2p shapes/dtype and the grad mode, and on whether each
@@ -35,6 +41,7 @@ __all__ = ["PipelineTimeoutError", "WeightGradStore", "set_p2p_tensor_shapes", "
 
 _P2P = {"shapes": None, "dtype": None}
 _LOOKAHEAD = 2   # ops whose receives are posted before the current op runs
+_TAGGED = True   # False: every message has tag 0 (the tests match by order alone, as NCCL does)
 
 
 class PipelineTimeoutError(RuntimeError):
@@ -52,6 +59,46 @@ def _digest(values) -> int:
     for v in values:
         h = (h * 1000003 + int(v) + 1) % (1 << 61)
     return h
+
+
+def program(kind: str, pp: int, rank: int, num_chunks: int, forward_only: bool) -> list:
+    """The ops a rank runs in one step (a forward-only step keeps the forward halves)."""
+    prog = PROGRAMS[kind](pp, rank, num_chunks)
+    if forward_only:
+        prog = [Op("F", o.slot, o.chunk) if o.kind == "FB" else o for o in prog if o.kind in ("F", "FB")]
+    return prog
+
+
+def send_order(topo: Topology, prog: list, rank: int, forward_only: bool) -> list:
+    """``(kind, slot, chunk, peer)`` of every message ``rank`` sends, in the order the executor posts them
+    (a chunk's send follows its compute; an FB op sends its forward's output before its backward's)."""
+    out = []
+    for op in prog:
+        parts = []
+        if op.kind in ("F", "FB"):
+            parts.append(("F", op.slot, op.chunk))
+        if op.kind == "B":
+            parts.append(("B", op.slot, op.chunk))
+        if op.kind == "FB" and not forward_only:
+            parts.append(("B", op.slot_b, op.chunk_b))
+        for kind, slot, chunk in parts:
+            peer = topo.next(rank, slot) if kind == "F" else topo.prev(rank, slot)
+            if peer is not None and peer[0] != rank:
+                out.append((kind, slot, chunk, peer[0]))
+    return out
+
+
+def recv_order(topo: Topology, kind: str, pp: int, rank: int, num_chunks: int, forward_only: bool) -> dict:
+    """``{peer: [(kind, slot, chunk), ...]}``: the messages ``rank`` receives from each neighbour, in the
+    neighbour's send order, keyed by the receiving slot."""
+    out = {}
+    for peer in sorted({p for p in (rank - 1, rank + 1) if 0 <= p < pp}):
+        prog = program(kind, pp, peer, num_chunks, forward_only)
+        for k, slot, chunk, dst in send_order(topo, prog, peer, forward_only):
+            if dst == rank:
+                mine = topo.next(peer, slot) if k == "F" else topo.prev(peer, slot)
+                out.setdefault(peer, []).append((k, mine[1], chunk))
+    return out
 
 
 def set_p2p_tensor_shapes(shapes) -> None:
@@ -194,6 +241,7 @@ class PipelineSchedule(nn.Module):
                                             and hasattr(type(m0), "overlapped_forward_backward"))
         self.record_timeline = False   # True: self.timeline gets (op, start, end) per op of the last step
         self.timeline: list = []
+        self.p2p_log: list = []   # ("send"/"recv", peer, kind, path, chunk, shapes) per message of the last step, in posting order
         self._layout = _digest(self._global)
 
     # ------------------------------------------------------------------ per-schedule
@@ -236,10 +284,12 @@ class PipelineSchedule(nn.Module):
         self.return_outputs = return_outputs
         self.criterion = criterion
         self.first_inputs, self.labels = first_inputs, chunk_labels
-        prog = PROGRAMS[self.kind](self.num_ranks, self.rank, num_chunks)
+        prog = program(self.kind, self.num_ranks, self.rank, num_chunks, self.forward_only)
         self.timeline = []
-        if self.forward_only:
-            prog = [Op("F", o.slot, o.chunk) if o.kind == "FB" else o for o in prog if o.kind in ("F", "FB")]
+        self.p2p_log = []
+        # per neighbour, the messages still to be received, in the neighbour's send order
+        self._pending = {p: list(reversed(seq)) for p, seq in
+                         recv_order(self.topo, self.kind, self.num_ranks, self.rank, num_chunks, self.forward_only).items()}
         try:
             for i, op in enumerate(prog):
                 for nxt in prog[i: i + 1 + _LOOKAHEAD]:
@@ -248,6 +298,9 @@ class PipelineSchedule(nn.Module):
                 self._run(op)
                 if self.record_timeline:
                     self.timeline.append((op, t0, time.perf_counter()))
+            left = {p: q for p, q in self._pending.items() if q}
+            if left:
+                raise RuntimeError(f"{name}: pipeline rank {self.rank} never received {left} (a schedule defect)")
             while self.sends:
                 work, _buf, what = self.sends[0]
                 self._wait(work, what)
@@ -335,6 +388,7 @@ class PipelineSchedule(nn.Module):
         self.out_grads = [{}, {}]
         self.recvs = {}
         self.sends = []
+        self._pending = {}
         self.losses, self.last_outputs = [], []
         self.first_inputs = self.labels = None
         self.criterion = None
@@ -342,7 +396,10 @@ class PipelineSchedule(nn.Module):
     # ------------------------------------------------------------------ transfers
     def _tag(self, kind: str, slot: int, chunk: int) -> int:
         path = self.topo.where[(self.rank, slot)][0]
-        return (chunk * 2 + (kind == "B")) * 2 + path
+        return (chunk * 2 + (kind == "B")) * 2 + path if _TAGGED else 0
+
+    def _tag_path(self, slot):
+        return self.topo.where[(self.rank, slot)][0]
 
     def _post_recvs(self, op: Op):
         if op.kind == "W":
@@ -361,13 +418,27 @@ class PipelineSchedule(nn.Module):
         peer = self.topo.prev(self.rank, slot) if kind == "F" else self.topo.next(self.rank, slot)
         if peer is None or peer[0] == self.rank:
             return
+        # the channel's earlier messages get their receives first: NCCL matches a channel by order alone
+        pending = self._pending.get(peer[0], [])
+        if key not in pending:
+            raise RuntimeError(f"{type(self).__name__}.step: pipeline rank {self.rank} needs {key} from pipeline "
+                               f"rank {peer[0]}, which that rank's program never sends (a schedule defect)")
+        while True:
+            k = pending.pop()
+            self._post_one(peer[0], *k)
+            if k == key:
+                return
+
+    def _post_one(self, src_rank, kind, slot, chunk):
         bufs = [torch.empty(s, dtype=_P2P["dtype"], device=self._device()) for s in _P2P["shapes"]]
-        src = self._global[peer[0]]
+        peer = (src_rank,)
+        src = self._global[src_rank]
+        self.p2p_log.append(("recv", src_rank, kind, self._tag_path(slot), chunk, [tuple(b.shape) for b in bufs]))
         works = [dist.irecv(b, src=src, group=self.group if self.group is not dist.group.WORLD else None,
                             tag=self._tag(kind, slot, chunk)) for b in bufs]
         what = (f"{type(self).__name__}.step: pipeline rank {self.rank} receiving the "
                 f"{'activations' if kind == 'F' else 'gradients'} of chunk {chunk} from pipeline rank {peer[0]}")
-        self.recvs[key] = (works, bufs, what)
+        self.recvs[(kind, slot, chunk)] = (works, bufs, what)
 
     def _take_recv(self, kind, slot, chunk):
         self._post_recv(kind, slot, chunk)
@@ -389,6 +460,7 @@ class PipelineSchedule(nn.Module):
                              f"{'outputs' if kind == 'F' else 'input gradients'} are "
                              f"{[(tuple(t.shape), t.dtype) for t in tensors]}; set_p2p_tensor_shapes/dtype declared "
                              f"{[(s, dtype) for s in shapes]}")
+        self.p2p_log.append(("send", peer_rank, kind, self._tag_path(slot), chunk, [tuple(t.shape) for t in tensors]))
         for t in tensors:
             # NOTE: a stage output may be a view (nn.Linear with bias on 3-D input) or non-contiguous; the
             # copy that travels is contiguous and detached, the autograd graph keeps the original
