@@ -59,82 +59,113 @@ def test_programs_run_every_chunk_once(kind):
         max(S.simulate("1f1b", 8, 20, F=1, B=2, W=1)["bubble"])
 
 
-def _replay_by_order(kind, pp, chunks, forward_only):
-    """Every rank's step with tag-free (NCCL's) matching: the k-th receive a rank posts on a channel meets
-    the k-th send its peer posts there. Ranks post receives as the executor does (its lookahead, each
-    channel's earlier messages first), block on the receives an op needs and post sends after computing.
-    Returns per channel the (sent, received) message pairs; raises on a deadlock."""
+def _replay_nccl(kind, pp, chunks, forward_only):
+    """Every rank's step against a model of NCCL's point-to-point semantics: tags ignored (the k-th
+    receive a rank posts from a peer meets the k-th send that peer posts to it), each pair of ranks'
+    operations run in posting order on one stream per rank, and an operation completes only when the
+    peer's stream has reached its counterpart (sends larger than NCCL's buffers need the receive
+    running). Ranks post as the executor does (the pair's operations in order, receives for the
+    current op and the lookahead, sends once computed) and block on the receives an op needs.
+    Returns per channel the (sent, received) messages as posted; raises on a deadlock."""
     from dsmoe.parallel.pipeline import runtime as R
     topo = S.Topology(kind, pp)
     progs = [R.program(kind, pp, r, chunks, forward_only) for r in range(pp)]
-    pending = [{p: list(reversed(q)) for p, q in R.recv_order(topo, kind, pp, r, chunks, forward_only).items()}
-               for r in range(pp)]
-    sent = {}      # (src, dst) -> [(kind, path, chunk)] in posting order
-    posted = {}    # (src, dst) -> [(kind, path, chunk)] receives in posting order, as the receiver names them
-    pos, pc, done = [0] * pp, [0] * pp, [set() for _ in range(pp)]
+    chan = [R.channel_ops(kind, pp, r, chunks, forward_only) for r in range(pp)]
+    cursor = [{p: 0 for p in chan[r]} for r in range(pp)]
+    ready, posted_recv = [set() for _ in range(pp)], [dict() for _ in range(pp)]
+    stream = {}             # (rank, peer) -> operations not completed yet, each [direction, index, done]
+    count = {}              # (rank, peer, direction) -> operations posted so far
+    log = {}                # (src, dst) -> (sent, received) as (kind, path, chunk)
 
-    def needs(r, op):
-        out = []
-        if op.kind in ("F", "FB"):
-            out.append(("F", op.slot, op.chunk))
-        if op.kind == "B":
-            out.append(("B", op.slot, op.chunk))
-        if op.kind == "FB" and not forward_only:
-            out.append(("B", op.slot_b, op.chunk_b))
-        res = []
-        for k, slot, c in out:
-            peer = topo.prev(r, slot) if k == "F" else topo.next(r, slot)
-            if peer is not None and peer[0] != r:
-                res.append((peer[0], (k, slot, c)))
-        return res
+    def path(r, slot):
+        return topo.where[(r, slot)][0]
 
-    def post(r, peer, key):
-        if key in done[r]:
+    def advance(r, p, target):
+        ops = chan[r][p]
+        if target in ops[: cursor[r][p]]:
             return
-        while True:
-            k = pending[r][peer].pop()
-            done[r].add(k)
-            posted.setdefault((peer, r), []).append((k[0], topo.where[(r, k[1])][0], k[2]))
-            if k == key:
+        while cursor[r][p] < len(ops):
+            d, k, slot, c = ops[cursor[r][p]]
+            if d == "send" and (k, slot, c) not in ready[r]:
+                return
+            n = count.get((r, p, d), 0)
+            count[(r, p, d)] = n + 1
+            op = [d, n, False]
+            stream.setdefault((r, p), []).append(op)
+            ch = (r, p) if d == "send" else (p, r)
+            log.setdefault(ch, ([], []))[0 if d == "send" else 1].append((k, path(r, slot), c))
+            if d == "recv":
+                posted_recv[r][(k, slot, c)] = op
+            cursor[r][p] += 1
+            if (d, k, slot, c) == target:
                 return
 
-    progress = True
-    while progress:
-        progress = False
+    def run_streams():
+        moved = True
+        while moved:
+            moved = False
+            for (r, p), q in stream.items():
+                other = stream.get((p, r), [])
+                # the heads of the two streams meet when they are the two ends of one message
+                if q and other and q[0][0] != other[0][0] and q[0][1] == other[0][1]:
+                    q[0][2] = other[0][2] = True
+                while q and q[0][2]:
+                    q.pop(0)
+                    moved = True
+
+    def needs(r, op):
+        keys = []
+        if op.kind in ("F", "FB"):
+            keys.append(("F", op.slot, op.chunk))
+        if op.kind == "B":
+            keys.append(("B", op.slot, op.chunk))
+        if op.kind == "FB" and not forward_only:
+            keys.append(("B", op.slot_b, op.chunk_b))
+        for k, slot, c in keys:
+            peer = topo.prev(r, slot) if k == "F" else topo.next(r, slot)
+            if peer is not None and peer[0] != r:
+                yield peer[0], (k, slot, c)
+
+    pc = [0] * pp
+    moved = True
+    while moved:
+        moved = False
         for r in range(pp):
             while pc[r] < len(progs[r]):
-                op = progs[r][pc[r]]
                 for nxt in progs[r][pc[r]: pc[r] + 1 + R._LOOKAHEAD]:
-                    for peer, key in needs(r, nxt):
-                        post(r, peer, key)
-                # blocked until each needed receive's match (same index on the channel) has been sent
-                ok = True
-                for peer, key in needs(r, op):
-                    i = posted[(peer, r)].index((key[0], topo.where[(r, key[1])][0], key[2]))
-                    ok &= len(sent.get((peer, r), [])) > i
-                if not ok:
+                    for p, key in needs(r, nxt):
+                        advance(r, p, ("recv",) + key)
+                run_streams()
+                if not all(key in posted_recv[r] and posted_recv[r][key][2] for _, key in needs(r, progs[r][pc[r]])):
                     break
-                for k, slot, c, dst in R.send_order(topo, [op], r, forward_only):
-                    sent.setdefault((r, dst), []).append((k, topo.where[(r, slot)][0], c))
+                for k, slot, c, dst in R.send_order(topo, [progs[r][pc[r]]], r, forward_only):
+                    ready[r].add((k, slot, c))
+                    advance(r, dst, ("send", k, slot, c))
                 pc[r] += 1
-                progress = True
+                moved = True
+        run_streams()
     assert all(pc[r] == len(progs[r]) for r in range(pp)), (kind, pp, chunks, forward_only, "deadlock", pc)
-    return {ch: (sent.get(ch, []), posted.get(ch, [])) for ch in set(sent) | set(posted)}
+    assert not any(stream.values()), (kind, pp, chunks, forward_only, "operations left on a stream")
+    return log
 
 
 @pytest.mark.parametrize("kind", ["1f1b", "dualpipe", "dualpipev"])
 def test_every_channel_matches_by_order_alone(kind):
-    # NCCL ignores tags: on every (sender, receiver) channel the receiver must post its receives in the
-    # sender's send order. Receives posted a few ops ahead in the receiver's own order break this from
-    # DualPipeV PP=3 and DualPipe PP=6 on (a gradient posted before an activation the sender sends first).
+    # NCCL ignores tags and serializes a pair's operations: on every (sender, receiver) channel the
+    # receiver must post its receives in the sender's send order, and the two ranks' streams must meet
+    # head to head. Receives posted a few ops ahead in the receiver's own order break both (1F1B PP=2
+    # already posts a gradient's receive in front of the activation send the peer waits for).
     for pp in (1, 2, 3, 4, 5, 6, 8):
         if kind == "dualpipe" and pp % 2:
             continue
         for chunks in sorted({2 * pp, 2 * pp + 2, 4 * pp} | ({3 * pp + 1} if kind != "dualpipe" else set())):
             for fo in (False, True):
-                for ch, (snt, rcv) in _replay_by_order(kind, pp, chunks, fo).items():
+                log = _replay_nccl(kind, pp, chunks, fo)
+                for ch, (snt, rcv) in log.items():
                     assert snt == rcv, (kind, pp, chunks, fo, ch, snt, rcv)
                     assert abs(ch[0] - ch[1]) == 1
+                if pp > 1 and not fo:
+                    assert len(log) == 2 * (pp - 1)
 
 
 # ----------------------------------------------------------------------------- stages

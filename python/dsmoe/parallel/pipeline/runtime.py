@@ -3,18 +3,17 @@ between neighbouring stages, the deferred weight gradients of :class:`WeightGrad
 optional ``overlapped_forward_backward`` hook of the stage modules.
 
 Transfers: every received tensor has one of the shapes given to :func:`set_p2p_tensor_shapes` and the
-dtype of :func:`set_p2p_tensor_dtype` (activations forward, their gradients backward). Sends are posted
-as soon as a chunk is computed (``isend``) and waited at the end of the step; receives are posted a few
-ops ahead of the op that needs them. Each message carries a tag built from (direction, path, chunk),
-but NCCL ignores tags and matches a channel's (a sender, a receiver) messages strictly in posting order.
-Invariant: on every channel the receiver posts its receives in exactly the order the sender posts its
-sends. Sends are posted in the order the sender's program computes them (:func:`send_order`); every
-rank derives that order for each neighbour from the neighbour's program (programs are deterministic in
-(schedule, PP, rank, num_chunks, grad mode), which the handshake checks), and a receive the current
-ops need is posted only after every earlier message of that channel has had its receive posted. So the
-k-th send of a channel always meets its k-th receive, with or without tags (the tests run every
-schedule with tag 0, where gloo too matches by order). NOTE: this settles which message meets which
-receive; NCCL's serialization of a rank pair's p2p ops on one stream has not been run on GPUs here.
+dtype of :func:`set_p2p_tensor_dtype` (activations forward, their gradients backward). Each message
+carries a tag built from (direction, path, chunk), but NCCL ignores tags, matches a channel's (sender,
+receiver) messages strictly in posting order, and runs all p2p operations of a pair of ranks in
+posting order on one stream. Invariant: both ranks of a pair post the pair's messages (both
+directions) in one common order, :func:`pair_order`, each rank its own end of each (a send once the
+chunk is computed, a receive when an op needs it or an earlier operation of the pair is due); so the
+operations at the heads of the two ranks' streams are always the two ends of one message. Both ranks
+compute that order alike (from the programs, deterministic in schedule, PP, num_chunks and grad mode,
+which the handshake checks); it is the order in which a replay of all ranks sends the messages, so a
+message never waits for one placed after it. Sends are waited at the end of the step. Checked on CPU
+against a model of NCCL's matching and stream order and on gloo with every tag 0; not run on GPUs.
 
 Failures: every step starts with a handshake (one small all-gather over the pipeline group) on the
 schedule, the rank layout, ``num_chunks``, the p2p shapes/dtype and the grad mode, and on whether each
@@ -25,6 +24,7 @@ it within that time, and the failed pipeline refuses further steps (its group ho
 """
 from __future__ import annotations
 
+import functools
 import queue
 import time
 from typing import Callable
@@ -88,16 +88,64 @@ def send_order(topo: Topology, prog: list, rank: int, forward_only: bool) -> lis
     return out
 
 
-def recv_order(topo: Topology, kind: str, pp: int, rank: int, num_chunks: int, forward_only: bool) -> dict:
-    """``{peer: [(kind, slot, chunk), ...]}``: the messages ``rank`` receives from each neighbour, in the
-    neighbour's send order, keyed by the receiving slot."""
+@functools.lru_cache(maxsize=64)
+def pair_order(kind: str, pp: int, num_chunks: int, forward_only: bool) -> dict:
+    """``{(a, b): [(src, kind, src_slot, chunk), ...]}`` for each pair of neighbouring ranks a < b: every
+    message between them, both directions, in one order both ranks compute alike. The order is the one
+    in which a replay of all ranks sends them (each rank runs its ops while the receives they need have
+    been sent; ranks in turn), so it respects every data dependency: a message's sender never needs,
+    to compute it, a message that comes later in the order."""
+    topo = Topology(kind, pp)
+    progs = [program(kind, pp, r, num_chunks, forward_only) for r in range(pp)]
+    sent: set = set()
+    order: dict = {}
+    pc = [0] * pp
+
+    def needed(r, op):
+        keys = []
+        if op.kind in ("F", "FB"):
+            keys.append(("F", op.slot, op.chunk))
+        if op.kind == "B":
+            keys.append(("B", op.slot, op.chunk))
+        if op.kind == "FB" and not forward_only:
+            keys.append(("B", op.slot_b, op.chunk_b))
+        for k, slot, chunk in keys:
+            peer = topo.prev(r, slot) if k == "F" else topo.next(r, slot)
+            if peer is not None and peer[0] != r:
+                yield (peer[0], k, peer[1], chunk)
+
+    moved = True
+    while moved:
+        moved = False
+        for r in range(pp):
+            while pc[r] < len(progs[r]) and all(m in sent for m in needed(r, progs[r][pc[r]])):
+                for k, slot, chunk, dst in send_order(topo, [progs[r][pc[r]]], r, forward_only):
+                    sent.add((r, k, slot, chunk))
+                    order.setdefault((min(r, dst), max(r, dst)), []).append((r, k, slot, chunk))
+                pc[r] += 1
+                moved = True
+    if any(pc[r] < len(progs[r]) for r in range(pp)):
+        raise RuntimeError(f"pipeline: the {kind} programs (PP={pp}, num_chunks={num_chunks}) deadlock")
+    return order
+
+
+def channel_ops(kind: str, pp: int, rank: int, num_chunks: int, forward_only: bool) -> dict:
+    """``{peer: [("send" | "recv", kind, slot, chunk), ...]}``: the p2p operations ``rank`` posts to each
+    neighbour, in :func:`pair_order` (``slot`` is this rank's). The peer's list is the same messages in
+    the same order with send and receive swapped."""
+    topo = Topology(kind, pp)
     out = {}
-    for peer in sorted({p for p in (rank - 1, rank + 1) if 0 <= p < pp}):
-        prog = program(kind, pp, peer, num_chunks, forward_only)
-        for k, slot, chunk, dst in send_order(topo, prog, peer, forward_only):
-            if dst == rank:
-                mine = topo.next(peer, slot) if k == "F" else topo.prev(peer, slot)
-                out.setdefault(peer, []).append((k, mine[1], chunk))
+    for (a, b), msgs in pair_order(kind, pp, num_chunks, forward_only).items():
+        if rank not in (a, b):
+            continue
+        peer = b if rank == a else a
+        ops = out.setdefault(peer, [])
+        for src, k, slot, chunk in msgs:
+            if src == rank:
+                ops.append(("send", k, slot, chunk))
+            else:
+                mine = topo.next(src, slot) if k == "F" else topo.prev(src, slot)
+                ops.append(("recv", k, mine[1], chunk))
     return out
 
 
@@ -287,9 +335,9 @@ class PipelineSchedule(nn.Module):
         prog = program(self.kind, self.num_ranks, self.rank, num_chunks, self.forward_only)
         self.timeline = []
         self.p2p_log = []
-        # per neighbour, the messages still to be received, in the neighbour's send order
-        self._pending = {p: list(reversed(seq)) for p, seq in
-                         recv_order(self.topo, self.kind, self.num_ranks, self.rank, num_chunks, self.forward_only).items()}
+        # per neighbour, the p2p operations in the pair's common order, and how many are posted
+        self._chan = channel_ops(self.kind, self.num_ranks, self.rank, num_chunks, self.forward_only)
+        self._cursor = {p: 0 for p in self._chan}
         try:
             for i, op in enumerate(prog):
                 for nxt in prog[i: i + 1 + _LOOKAHEAD]:
@@ -298,9 +346,9 @@ class PipelineSchedule(nn.Module):
                 self._run(op)
                 if self.record_timeline:
                     self.timeline.append((op, t0, time.perf_counter()))
-            left = {p: q for p, q in self._pending.items() if q}
+            left = {p: ops[self._cursor[p]:] for p, ops in self._chan.items() if self._cursor[p] < len(ops)}
             if left:
-                raise RuntimeError(f"{name}: pipeline rank {self.rank} never received {left} (a schedule defect)")
+                raise RuntimeError(f"{name}: pipeline rank {self.rank} never posted {left} (a schedule defect)")
             while self.sends:
                 work, _buf, what = self.sends[0]
                 self._wait(work, what)
@@ -388,7 +436,7 @@ class PipelineSchedule(nn.Module):
         self.out_grads = [{}, {}]
         self.recvs = {}
         self.sends = []
-        self._pending = {}
+        self._chan, self._cursor, self._ready, self._posted = {}, {}, {}, set()
         self.losses, self.last_outputs = [], []
         self.first_inputs = self.labels = None
         self.criterion = None
@@ -418,16 +466,30 @@ class PipelineSchedule(nn.Module):
         peer = self.topo.prev(self.rank, slot) if kind == "F" else self.topo.next(self.rank, slot)
         if peer is None or peer[0] == self.rank:
             return
-        # the channel's earlier messages get their receives first: NCCL matches a channel by order alone
-        pending = self._pending.get(peer[0], [])
-        if key not in pending:
-            raise RuntimeError(f"{type(self).__name__}.step: pipeline rank {self.rank} needs {key} from pipeline "
-                               f"rank {peer[0]}, which that rank's program never sends (a schedule defect)")
-        while True:
-            k = pending.pop()
-            self._post_one(peer[0], *k)
-            if k == key:
-                return
+        self._advance(peer[0], ("recv", kind, slot, chunk))
+
+    def _advance(self, peer, target):
+        """Posts this pair's next operations in their common order up to ``target`` (stopping early at a
+        send not computed yet); later receives wait, so few receive buffers are held at once.
+        NOTE: NCCL ignores tags and runs a pair's p2p operations in posting order on one stream: both
+        ranks posting the same sequence (each send facing the peer's receive of it) keeps every
+        operation at the head of one stream matched by the one at the head of the other."""
+        if target in self._posted:
+            return
+        ops, i = self._chan.get(peer, []), self._cursor.get(peer, 0)
+        while i < len(ops):
+            d, kind, slot, chunk = ops[i]
+            if d == "recv":
+                self._post_one(peer, kind, slot, chunk)
+            elif (kind, slot, chunk) in self._ready:
+                self._isend(peer, kind, slot, chunk, self._ready.pop((kind, slot, chunk)))
+            else:
+                break
+            self._posted.add(ops[i])
+            i += 1
+            if ops[i - 1] == target:
+                break
+        self._cursor[peer] = i
 
     def _post_one(self, src_rank, kind, slot, chunk):
         bufs = [torch.empty(s, dtype=_P2P["dtype"], device=self._device()) for s in _P2P["shapes"]]
@@ -442,6 +504,10 @@ class PipelineSchedule(nn.Module):
 
     def _take_recv(self, kind, slot, chunk):
         self._post_recv(kind, slot, chunk)
+        if (kind, slot, chunk) not in self.recvs:
+            # pair_order puts every message after the sends its receiver computes first: unreachable
+            raise RuntimeError(f"{type(self).__name__}.step: pipeline rank {self.rank} must receive "
+                               f"{(kind, slot, chunk)} before one of its own sends is computed (a schedule defect)")
         works, bufs, what = self.recvs[(kind, slot, chunk)]
         for w in works:
             self._wait(w, what)
@@ -460,11 +526,15 @@ class PipelineSchedule(nn.Module):
                              f"{'outputs' if kind == 'F' else 'input gradients'} are "
                              f"{[(tuple(t.shape), t.dtype) for t in tensors]}; set_p2p_tensor_shapes/dtype declared "
                              f"{[(s, dtype) for s in shapes]}")
-        self.p2p_log.append(("send", peer_rank, kind, self._tag_path(slot), chunk, [tuple(t.shape) for t in tensors]))
-        for t in tensors:
-            # NOTE: a stage output may be a view (nn.Linear with bias on 3-D input) or non-contiguous; the
-            # copy that travels is contiguous and detached, the autograd graph keeps the original
-            buf = t.detach().contiguous()
+        # NOTE: a stage output may be a view (nn.Linear with bias on 3-D input) or non-contiguous; the
+        # copy that travels is contiguous and detached, the autograd graph keeps the original
+        self._ready[(kind, slot, chunk)] = [t.detach().contiguous() for t in tensors]
+        self._advance(peer_rank, ("send", kind, slot, chunk))
+
+    def _isend(self, peer_rank, kind, slot, chunk, bufs):
+        where = f"{type(self).__name__}.step"
+        self.p2p_log.append(("send", peer_rank, kind, self._tag_path(slot), chunk, [tuple(b.shape) for b in bufs]))
+        for buf in bufs:
             # both ends tag with their own slot's path: the same path
             work = dist.isend(buf, dst=self._global[peer_rank], tag=self._tag(kind, slot, chunk),
                               group=self.group if self.group is not dist.group.WORLD else None)
