@@ -54,7 +54,8 @@ import torch.distributed as dist
 from .. import _checks as C
 from .. import _native
 from .common import BACKENDS, CALL_FIELDS, COMBINE_PARTIALS, HOP1, EPConfig, EPHandle, EPTimeoutError, as_bytes_rows, \
-    as_timedelta, disagreement, dtype_code, dtype_name, from_bytes, get_dispatch_layout, group_timeout
+    as_timedelta, disagreement, dtype_code, dtype_name, from_bytes, get_dispatch_layout, group_timeout, pack_rows, \
+    unpack_rows
 from .hierarchical import HierarchicalTransport
 from .nvlink import NVLinkTransport
 
@@ -383,24 +384,11 @@ def _dispatch_impl(buf: EPBuffer, x, topk_idx, topk_weights):
     R = sum(rc)
     handle = EPHandle(T, tok, sc, rc, local, k, torch.bfloat16 if fp8 else xs.dtype)
     # ONE byte row per (token, destination): payload | scales (FP8) | local ids | weights
-    parts = [_as_bytes_rows(xs[tok])] + ([_as_bytes_rows(x[1][tok])] if fp8 else []) + \
-        [_as_bytes_rows(send_lidx), _as_bytes_rows(send_w)]
-    widths = [p.shape[1] for p in parts]
-    rows = torch.cat(parts, 1) if tok.numel() else torch.empty(0, sum(widths), dtype=torch.uint8, device=dev)
+    rows, widths = pack_rows(xs[tok], x[1][tok] if fp8 else None, send_lidx, send_w)
     out = torch.empty(R, sum(widths), dtype=torch.uint8, device=dev)
     buf._a2a(out, rows, rc, sc, "dispatch")
     buf._record_flat("dispatch", sc, sum(widths))
-    cuts = [0]
-    for w_ in widths:
-        cuts.append(cuts[-1] + w_)
-    H = buf.hidden
-    if fp8:
-        recv = (_from_bytes(out, cuts[0], cuts[1], torch.float8_e4m3fn, H),
-                _from_bytes(out, cuts[1], cuts[2], torch.float32, H // 128))
-    else:
-        recv = _from_bytes(out, cuts[0], cuts[1], xs.dtype, H)
-    ridx = _from_bytes(out, cuts[-3], cuts[-2], torch.int32, k)
-    rw = _from_bytes(out, cuts[-2], cuts[-1], torch.float32, k)
+    recv, ridx, rw = unpack_rows(out, widths, xs.dtype, buf.hidden, k)
     cnt = torch.bincount(ridx[ridx >= 0].long(), minlength=L).to(torch.int32)
     return handle, recv, ridx, rw, cnt
 

@@ -36,6 +36,30 @@ def from_bytes(rows: torch.Tensor, lo: int, hi: int, dtype: torch.dtype, *shape)
     return out.view(dtype).view(rows.shape[0], *shape)
 
 
+def pack_rows(payload: torch.Tensor, scales, ids: torch.Tensor, weights: torch.Tensor) -> tuple:
+    """One byte row per sent copy: payload | scales (FP8 only) | int32 ids | fp32 weights; returns the rows
+    and the byte width of each field (what :func:`unpack_rows` cuts at)."""
+    parts = [as_bytes_rows(payload)] + ([as_bytes_rows(scales)] if scales is not None else []) + \
+        [as_bytes_rows(ids), as_bytes_rows(weights)]
+    widths = [p.shape[1] for p in parts]
+    if payload.shape[0] == 0:
+        return torch.empty(0, sum(widths), dtype=torch.uint8, device=payload.device), widths
+    return torch.cat(parts, 1), widths
+
+
+def unpack_rows(rows: torch.Tensor, widths: list, dtype: torch.dtype, hidden: int, k: int) -> tuple:
+    """The inverse of :func:`pack_rows`: ``(payload or (fp8, scales), ids int32, weights fp32)``."""
+    cuts = [0]
+    for w in widths:
+        cuts.append(cuts[-1] + w)
+    if len(widths) == 4:
+        x = (from_bytes(rows, cuts[0], cuts[1], torch.float8_e4m3fn, hidden),
+             from_bytes(rows, cuts[1], cuts[2], torch.float32, hidden // 128))
+    else:
+        x = from_bytes(rows, cuts[0], cuts[1], dtype, hidden)
+    return x, from_bytes(rows, cuts[-3], cuts[-2], torch.int32, k), from_bytes(rows, cuts[-2], cuts[-1], torch.float32, k)
+
+
 class EPTimeoutError(RuntimeError):
     """A collective of the EP buffer failed or timed out (a peer died, or never joined)."""
 

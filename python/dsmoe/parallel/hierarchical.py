@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from .common import CALL_FIELDS, EPHandle, EPTimeoutError, as_bytes_rows, disagreement, dtype_code, dtype_name, from_bytes, \
-    get_dispatch_layout
+    get_dispatch_layout, pack_rows, unpack_rows
 
 __all__ = ["HierarchicalTransport", "plan", "flat_plan"]
 
@@ -228,11 +228,9 @@ class HierarchicalTransport:
             raise ValueError(f"dsmoe.EPBuffer.dispatch: the ranks disagree on this call ({diff}); every rank must "
                              f"dispatch the same dtype, top_k and form")
         # 3. hop 1: one row per (token, destination node), global ids and fp32 weights
-        parts = [as_bytes_rows(xs[tok1])] + ([as_bytes_rows(x[1][tok1])] if fp8 else []) + \
-            [as_bytes_rows(idx[tok1].to(torch.int32)), as_bytes_rows(topk_weights[tok1].float())]
-        widths = [p.shape[1] for p in parts]
+        rows, widths = pack_rows(xs[tok1], x[1][tok1] if fp8 else None, idx[tok1].to(torch.int32),
+                                 topk_weights[tok1].float())
         width = sum(widths)
-        rows = torch.cat(parts, 1) if tok1.numel() else torch.empty(0, width, dtype=torch.uint8, device=dev)
         S1r = sum(recv1)
         got1 = torch.empty(S1r, width, dtype=torch.uint8, device=dev)
         self._rail(got1, rows, recv1, send1.tolist(), "dispatch")
@@ -260,17 +258,8 @@ class HierarchicalTransport:
             recv_counts.append(recv2[j][m])
         perm = torch.cat(blocks) if blocks else torch.empty(0, dtype=torch.int64, device=dev)
         out = got2[perm]
-        cuts = [0]
-        for w_ in widths:
-            cuts.append(cuts[-1] + w_)
-        H = buf.hidden
-        if fp8:
-            recv = (from_bytes(out, cuts[0], cuts[1], torch.float8_e4m3fn, H),
-                    from_bytes(out, cuts[1], cuts[2], torch.float32, H // 128))
-        else:
-            recv = from_bytes(out, cuts[0], cuts[1], xs.dtype, H)
-        g = from_bytes(out, cuts[-3], cuts[-2], torch.int32, k).long()
-        w = from_bytes(out, cuts[-2], cuts[-1], torch.float32, k)
+        recv, g, w = unpack_rows(out, widths, xs.dtype, buf.hidden, k)
+        g = g.long()
         local = (g >= 0) & (g // L == rank)
         ridx = torch.where(local, g - rank * L, torch.full_like(g, -1)).to(torch.int32)
         rw = torch.where(local, w, torch.zeros((), dtype=torch.float32, device=dev))

@@ -69,19 +69,25 @@ def program(kind: str, pp: int, rank: int, num_chunks: int, forward_only: bool) 
     return prog
 
 
+def op_parts(op: Op, forward_only: bool) -> list:
+    """``(kind, slot, chunk)`` of each forward/backward an op computes, in the order it computes them (an
+    FB op: its forward, then its backward): what it receives before and sends after."""
+    parts = []
+    if op.kind in ("F", "FB"):
+        parts.append(("F", op.slot, op.chunk))
+    if op.kind == "B":
+        parts.append(("B", op.slot, op.chunk))
+    if op.kind == "FB" and not forward_only:
+        parts.append(("B", op.slot_b, op.chunk_b))
+    return parts
+
+
 def send_order(topo: Topology, prog: list, rank: int, forward_only: bool) -> list:
     """``(kind, slot, chunk, peer)`` of every message ``rank`` sends, in the order the executor posts them
     (a chunk's send follows its compute; an FB op sends its forward's output before its backward's)."""
     out = []
     for op in prog:
-        parts = []
-        if op.kind in ("F", "FB"):
-            parts.append(("F", op.slot, op.chunk))
-        if op.kind == "B":
-            parts.append(("B", op.slot, op.chunk))
-        if op.kind == "FB" and not forward_only:
-            parts.append(("B", op.slot_b, op.chunk_b))
-        for kind, slot, chunk in parts:
+        for kind, slot, chunk in op_parts(op, forward_only):
             peer = topo.next(rank, slot) if kind == "F" else topo.prev(rank, slot)
             if peer is not None and peer[0] != rank:
                 out.append((kind, slot, chunk, peer[0]))
@@ -102,14 +108,7 @@ def pair_order(kind: str, pp: int, num_chunks: int, forward_only: bool) -> dict:
     pc = [0] * pp
 
     def needed(r, op):
-        keys = []
-        if op.kind in ("F", "FB"):
-            keys.append(("F", op.slot, op.chunk))
-        if op.kind == "B":
-            keys.append(("B", op.slot, op.chunk))
-        if op.kind == "FB" and not forward_only:
-            keys.append(("B", op.slot_b, op.chunk_b))
-        for k, slot, chunk in keys:
+        for k, slot, chunk in op_parts(op, forward_only):
             peer = topo.prev(r, slot) if k == "F" else topo.next(r, slot)
             if peer is not None and peer[0] != r:
                 yield (peer[0], k, peer[1], chunk)
@@ -450,14 +449,8 @@ class PipelineSchedule(nn.Module):
         return self.topo.where[(self.rank, slot)][0]
 
     def _post_recvs(self, op: Op):
-        if op.kind == "W":
-            return
-        if op.kind in ("F", "FB"):
-            self._post_recv("F", op.slot, op.chunk)
-        if op.kind == "B":
-            self._post_recv("B", op.slot, op.chunk)
-        if op.kind == "FB" and not self.forward_only:
-            self._post_recv("B", op.slot_b, op.chunk_b)
+        for kind, slot, chunk in op_parts(op, self.forward_only):
+            self._post_recv(kind, slot, chunk)
 
     def _post_recv(self, kind, slot, chunk):
         key = (kind, slot, chunk)
